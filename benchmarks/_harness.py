@@ -70,7 +70,8 @@ def compare(
         baseline_fn()
         ours_fn()
     _sync(device)
-    base, ours = [], []
+    base: list[float] = []
+    ours: list[float] = []
     for _ in range(repeat):
         for fn, bucket in ((baseline_fn, base), (ours_fn, ours)):
             start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Question: how much faster is vl_rope.get_rope_index than transformers' Qwen3-VL get_rope_index?
 
 Cases (issue: at least 5x on the batch, moonshot 10x):
-- 32 rows x ~7K tokens, each row with ~30 images of varied size and ~6 videos split into
+- 32 rows x ~7K tokens, each row with 38 images of varied size and 8 videos split into
   temporal patches with timestamp text between them, left padding;
 - one 256K-token video (3,640 temporal patches of 64 tokens, timestamps between them).
 
@@ -111,7 +111,7 @@ def run(quick: bool) -> list[Row]:
         print("bench_rope_index: transformers is not installed; no baseline to compare against")
         return []
     cases = [
-        ("32 rows x ~7K tokens, ~30 images + ~6 videos per row", make_batch(32, 30, 6)),
+        ("32 rows x ~7K tokens, 38 images + 8 videos per row", make_batch(32, 38, 8)),
         ("1 row, 256K-token video (3,640 temporal patches)", make_long_video()),
     ]
     rows = []

@@ -1,0 +1,34 @@
+"""Suite-wide pytest setup: Triton interpreter on CPU, ``gpu`` marker, ``triton_device`` fixture."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without CUDA, Triton kernels run in the Triton interpreter on CPU tensors. The variable is read
+# when `triton` / `@triton.jit` is first imported, so it must be set here, before pytest imports any
+# test module (conftest.py is imported first). setdefault: an explicit TRITON_INTERPRET=0 wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.gpu`` tests when CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Device for Triton kernel tests: ``"cuda"`` if available, else ``"cpu"`` (Triton interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton not installed")
+    return "cuda" if torch.cuda.is_available() else "cpu"
