@@ -14,7 +14,7 @@ PAGES = [ROOT / "packages/vl-vision/README.md", ROOT / "docs/packages/vl-vision.
 FENCE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
-@pytest.mark.parametrize("module", ["vl_vision.tower", "vl_vision.siglip2"])
+@pytest.mark.parametrize("module", ["vl_vision.tower", "vl_vision.merger", "vl_vision.siglip2"])
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

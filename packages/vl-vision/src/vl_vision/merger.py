@@ -74,8 +74,8 @@ class DeepStack(nn.ModuleList):
     Example:
         >>> ds = DeepStack([1, 3], dim=32, out_dim=48)
         >>> feats = ds({1: torch.randn(8, 32), 3: torch.randn(8, 32)})
-        >>> [f.shape for f in feats]
-        [torch.Size([2, 48]), torch.Size([2, 48])]
+        >>> len(feats), tuple(feats[0].shape)
+        (2, (2, 48))
     """
 
     def __init__(self, layer_indexes: Sequence[int], dim: int, out_dim: int, spatial_merge_size: int = 2) -> None:
