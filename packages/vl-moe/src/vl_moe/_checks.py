@@ -48,8 +48,10 @@ def check_experts_inputs(
     topk_ids: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
+    *,
+    check_ids: bool = True,
 ) -> None:
-    """Validate the arguments of :func:`vl_moe.moe_experts` (shapes, dtypes, devices).
+    """Validate the arguments of :func:`vl_moe.moe_experts` (shapes, dtypes, devices; id range if ``check_ids``).
 
     Args:
         x: Tokens ``[T, H]``.
@@ -101,9 +103,10 @@ def check_experts_inputs(
     devices = {t.device for t in (x, topk_weights, topk_ids, w_gate_up, w_down)}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if _compiling() or topk_ids.numel() == 0:
+    if not check_ids or _compiling() or topk_ids.numel() == 0:
         return
-    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    bounds = torch.aminmax(topk_ids)  # one host synchronisation
+    lo, hi = int(bounds.min), int(bounds.max)
     if lo < 0 or hi >= num_experts:
         raise ValueError(
             f"topk_ids must lie in [0, {num_experts}) for {num_experts} experts, got values in [{lo}, {hi}]"

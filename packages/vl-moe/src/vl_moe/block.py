@@ -77,9 +77,13 @@ class MoEExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=init_std)
         nn.init.normal_(self.down_proj, std=init_std)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """``x [T, H], topk_weights [T, k], topk_ids [T, k] -> [T, H]``."""
-        return moe_experts(x, topk_weights, topk_ids, self.gate_up_proj, self.down_proj, backend=self.backend)
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, check_ids: bool = True
+    ) -> torch.Tensor:
+        """``x [T, H], topk_weights [T, k], topk_ids [T, k] -> [T, H]`` (``check_ids``: see :func:`vl_moe.moe_experts`)."""
+        return moe_experts(
+            x, topk_weights, topk_ids, self.gate_up_proj, self.down_proj, backend=self.backend, check_ids=check_ids
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -163,7 +167,8 @@ class SparseMoeBlock(nn.Module):
             )
         flat = hidden_states.reshape(-1, self.hidden_size)
         logits, weights, ids = self.gate(flat)
-        out = self.experts(flat, weights, ids).view(hidden_states.shape)
+        # The ids come from our own router: skip the range check and its device synchronisation.
+        out = self.experts(flat, weights, ids, check_ids=False).view(hidden_states.shape)
         return MoEOutput(out, logits, weights, ids)
 
     def extra_repr(self) -> str:

@@ -55,6 +55,7 @@ def moe_experts(
     w_down: torch.Tensor,
     *,
     backend: Backend | str = "auto",
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Apply the routed SwiGLU experts: ``y_t = sum_j w[t, j] * expert_{ids[t, j]}(x_t)``.
 
@@ -66,6 +67,8 @@ def moe_experts(
             dtype as ``x``.
         w_down: ``[E, H, I]``; same dtype as ``x``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        check_ids: Check that every id lies in ``[0, E)`` (a device synchronisation); pass ``False``
+            when the ids come straight from :func:`vl_moe.route`, as :class:`vl_moe.SparseMoeBlock` does.
 
     Returns:
         ``[T, H]`` in ``x.dtype``, differentiable with respect to ``x``, ``topk_weights``,
@@ -85,7 +88,7 @@ def moe_experts(
         torch.Size([5, 8])
     """
     resolved = resolve_backend(backend, x.device)
-    check_experts_inputs(x, topk_weights, topk_ids, w_gate_up, w_down)
+    check_experts_inputs(x, topk_weights, topk_ids, w_gate_up, w_down, check_ids=check_ids)
     if resolved == "triton":
         try:
             from vl_moe.kernels import triton_moe_experts
