@@ -58,6 +58,9 @@ def grouped_mm_supported(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     if first.dtype not in _GMM_DTYPES:
         return False
+    if first.device.type == "cpu" and first.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # The CPU fake-tensor kernel of ``_grouped_mm`` accepts only bfloat16: compile the loop instead.
+        return False
     if first.device.type == "cuda":
         if torch.cuda.get_device_capability(first.device) < (8, 0):
             return False

@@ -110,7 +110,10 @@ class VisionTransformer(nn.Module):
         )
         # Kept out of the module tree: ``tower.to(torch.bfloat16)`` must not cast the float32
         # frequencies (the references compute the rotary angles in float32 in every dtype).
-        self._rope = (VisionRoPE2D(config.head_dim, config.rope_theta, m),)
+        # Built on CPU even under a ``torch.device("meta")`` context (transformers' ``from_pretrained``):
+        # the table is not a parameter or buffer, so no checkpoint load would ever fill it in.
+        with torch.device("cpu"):
+            self._rope = (VisionRoPE2D(config.head_dim, config.rope_theta, m),)
         self.blocks = nn.ModuleList(build_block(config) for _ in range(config.depth))
         self.post_layernorm: nn.Module | None = None
         self.downsample: MergeDownsample | None = None

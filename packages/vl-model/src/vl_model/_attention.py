@@ -1,0 +1,68 @@
+"""Attention plumbing of the decoder: an eager reference path and the masks of packed rows.
+
+Packed rows (several samples in one row, as in Qwen3-VL training, arXiv 2511.21631 section 3) must not
+attend across samples: SDPA and eager get a mask function for ``create_causal_mask``; FlashAttention
+gets varlen ``cu_seqlens`` instead (it takes no dense mask).
+
+Notation: ``B`` batch, ``L`` queries, ``S`` keys, ``Nq``/``Nk`` query/key-value heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["eager_attention", "flash_varlen_kwargs", "segment_mask_function"]
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention (float32 softmax), ``[B, Nq, L, D] -> [B, L, Nq, D]``; for debugging."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def segment_mask_function(segment_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """An ``and_mask_function`` for ``create_causal_mask``: tokens see only their own packed sample."""
+
+    def same_segment(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> Any:
+        return segment_ids[batch_idx, q_idx] == segment_ids[batch_idx, kv_idx]
+
+    return same_segment
+
+
+def flash_varlen_kwargs(segment_ids: torch.Tensor) -> dict[str, Any]:
+    """FlashAttention varlen arguments (``cu_seq_lens_q/k``, ``max_length_q/k``) for packed ``[B, L]`` rows.
+
+    Every run of equal segment id within a row is one sequence of the flattened ``B * L`` tokens
+    (padding runs become sequences of their own, whose outputs are ignored).
+    """
+    batch, length = segment_ids.shape
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = start.reshape(-1).nonzero().squeeze(-1)
+    cu = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
