@@ -1,0 +1,205 @@
+"""Atomic training checkpoints: model (safetensors), optimiser, scheduler, RNG, data state, step.
+
+A checkpoint is a folder ``checkpoint-<step:08d>`` holding
+
+- ``model.safetensors``: the model's state dict;
+- ``trainer_state.pt``: optimiser and scheduler state dicts, the RNG states (Python, NumPy, torch CPU
+  and CUDA) and the data iterator's state (``torch.save``; loaded with ``weights_only=True``);
+- ``meta.json``: the step and the metrics records so far; written last, so a folder with it is complete.
+
+It is written into a temporary folder next to its final place, every file is fsynced, and the folder
+is renamed into place (``os.replace``), so a run killed at any moment leaves either the previous
+checkpoint or the new one, never a half-written one. :func:`latest_checkpoint` ignores leftovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["Checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint"]
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` read back (the model, optimiser and scheduler are restored in place)."""
+
+    path: Path
+    step: int
+    data_state: Any = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy (when installed), torch CPU and CUDA generator states as picklable plain values."""
+    version, inner, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(inner), gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # NumPy is optional: nothing to save
+        return state
+    np_state: Any = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np_state
+    state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, inner, gauss = state["python"]
+    random.setstate((version, tuple(inner), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors sharing memory (tied weights): later aliases get their own copy.
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest step first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / META_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step under ``directory``, or ``None``."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_state: Any = None,
+    metrics: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write ``checkpoint-<step>`` under ``directory`` atomically; return its path.
+
+    Args:
+        directory: The run's output folder.
+        step: Optimiser steps done.
+        model: Saved with ``safetensors.torch.save_file`` of its state dict.
+        optimizer: Its ``state_dict()`` is saved.
+        scheduler: Its ``state_dict()`` is saved.
+        data_state: The data iterator's ``state_dict()`` (or ``None``).
+        metrics: JSON-serialisable per-step records so far.
+        extra: More JSON-serialisable values for ``meta.json``.
+        keep_last: Delete older checkpoints beyond this many (0 keeps all).
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_file(_model_tensors(model), str(tmp / MODEL_FILE))
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "data": data_state,
+        }
+        torch.save(state, tmp / STATE_FILE)
+        meta = {"step": step, "metrics": metrics or [], "extra": extra or {}}
+        (tmp / META_FILE).write_text(json.dumps(meta))
+        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+            stale = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=root))
+            os.replace(final, stale / final.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last > 0:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> Checkpoint:
+    """Restore ``model`` (and the optimiser, scheduler, RNG states when given) from a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete checkpoint (the missing file named).
+        ValueError: The model's keys differ from the checkpoint's (both lists named).
+    """
+    folder = Path(path)
+    for name in (META_FILE, MODEL_FILE, STATE_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a complete checkpoint: {name} is missing")
+    tensors = load_file(str(folder / MODEL_FILE))
+    own = set(model.state_dict())
+    missing, unexpected = sorted(own - set(tensors)), sorted(set(tensors) - own)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(tensors)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    meta = json.loads((folder / META_FILE).read_text())
+    return Checkpoint(
+        path=folder, step=int(meta["step"]), data_state=state["data"], metrics=meta["metrics"], extra=meta["extra"]
+    )

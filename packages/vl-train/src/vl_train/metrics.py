@@ -1,0 +1,126 @@
+"""Run metrics: one JSON line per step, optional TensorBoard events, progress bar and loss-curve PNG.
+
+Only the JSONL file is always written; TensorBoard (``torch.utils.tensorboard``, needs the
+``tensorboard`` package), the progress bar (``tqdm``) and the plot (``matplotlib``) are used when
+requested and importable, and skipped with a logged note otherwise.
+
+A record is a flat dict, e.g. ``{"step": 3, "loss": 2.1, "lr/llm": 1e-5, "grad_norm": 0.8,
+"tokens": 512, "tokens_per_s": 9e3, "skipped": false}``; numbers go to TensorBoard under their keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLogger", "plot_loss_curve"]
+
+log = logging.getLogger(__name__)
+METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR = "metrics.jsonl", "loss_curve.png", "tensorboard"
+
+
+def _jsonable(value: Any) -> Any:
+    # JSON has no NaN/inf: skipped steps log their loss as a string so the file stays valid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Plot ``loss`` (and ``eval_loss`` where present) against ``step``; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no loss-curve PNG")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "eval_loss"):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), float) and math.isfinite(r[key])]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+class MetricsLogger:
+    """Writes step records to ``metrics.jsonl`` (+ TensorBoard) and drives an optional progress bar.
+
+    Args:
+        output_dir: The run's folder (must exist).
+        total_steps: Steps of the run (for the progress bar).
+        tensorboard: Also write TensorBoard events under ``output_dir/tensorboard``.
+        progress: Show a tqdm bar.
+        history: Records of earlier steps (a resumed run): the JSONL file is rewritten with exactly
+            these, dropping lines a killed run wrote after its last checkpoint.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        total_steps: int,
+        tensorboard: bool = False,
+        progress: bool = False,
+        history: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        self.dir = Path(output_dir)
+        self.records: list[dict[str, Any]] = [dict(r) for r in history]
+        self.path = self.dir / METRICS_FILE
+        with self.path.open("w") as f:
+            f.writelines(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in self.records)
+        self._file = self.path.open("a")
+        self._tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.dir / TENSORBOARD_DIR))
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to %s only", self.path)
+        self._bar: Any = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
+
+                self._bar = tqdm(total=total_steps, initial=len(self.records), desc="train", unit="step")
+            except ImportError:
+                log.info("tqdm is not installed: no progress bar")
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one step's record (keys ``step`` and any numbers / bools / strings)."""
+        self.records.append(dict(record))
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+        step = int(record["step"])
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            loss = record.get("loss")
+            if isinstance(loss, float):
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self, plot: bool = False) -> Path | None:
+        """Close the files and bar; with ``plot`` write the loss-curve PNG and return its path."""
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        return plot_loss_curve(self.records, self.dir / PLOT_FILE) if plot and self.records else None

@@ -1,0 +1,329 @@
+"""FSDP2 sharding and activation checkpointing applied to a single-device VLM, plus torchrun helpers.
+
+The model code of vl-model is written for one device (ARCHITECTURE.md); data parallelism is applied
+here by functions, as in torchtitan's ``parallelize.py``: :func:`parallelize` calls PyTorch's FSDP2
+(``torch.distributed.fsdp.fully_shard``, ZeRO-3 style per-parameter sharding over a 1-D device mesh)
+on every transformer block, then on the root, and :func:`checkpoint_blocks` recomputes each block's
+activations in backward (``torch.utils.checkpoint``, non-reentrant), which the long-context stages
+(S3, SFT at 256K; REFERENCE.md section 4) need.
+
+FSDP units (found by attribute name; :func:`shard_units` lists them):
+
+- each decoder layer: ``model.language_model.layers[i]`` (also accepted:
+  ``model.model.language_model.layers``, the core ``VLForConditionalGeneration``, and
+  ``model.language_model.model.layers``, a composed model whose LM is a Hugging Face causal LM);
+- each tower block: ``visual.blocks[i]`` (under ``model.model`` or ``model``);
+- the merge head ``visual.merger`` and the DeepStack mergers ``visual.deepstack_merger_list``;
+- the root: everything else (token embedding, final norm, ``lm_head``, patch / position
+  embeddings). Tied ``lm_head.weight`` / ``embed_tokens.weight`` are one parameter, so they must live
+  in one unit: the root holds both.
+
+The loss uses ``lm_head.weight`` outside ``lm_head``'s forward (``lm_loss`` projects only labelled
+positions, in chunks), and trainers call ``model.model(...)`` rather than ``model(...)``. FSDP2 only
+all-gathers a unit's parameters inside that module's forward, so run the whole step computation
+(hidden states and loss) through :func:`root_forward`: it runs a function as a forward of the root
+(``torch.distributed.fsdp.register_fsdp_forward_method``), so the root's parameters are gathered for
+it and their gradients reduce-scattered in backward. Without FSDP it just calls the function.
+
+FSDP2 averages gradients over ranks: with a global loss normaliser (``vl_train.losses``) multiply each
+rank's loss by :func:`world_size` before ``backward``.
+
+Notation: ``W`` world size (ranks), ``r`` this rank, "unit" a module passed to ``fully_shard``: its
+parameters are gathered and freed together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "barrier",
+    "checkpoint_blocks",
+    "full_state_dict",
+    "init_distributed",
+    "is_main_process",
+    "parallelize",
+    "rank",
+    "root_forward",
+    "shard_units",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+_DECODER_PATHS = ("model.language_model.layers", "language_model.layers", "language_model.model.layers")
+_TOWER_PATHS = ("model.visual", "visual")
+_MERGER_NAMES = ("merger", "deepstack_merger_list")
+_ROOT_CALL = "_vl_train_root_call"
+_CHECKPOINTED = "_vl_train_checkpointed"
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) -> bool:
+    """Join the process group described by torchrun's environment; a no-op for a single process.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (``env://``).
+    The backend defaults to ``nccl`` when CUDA is available (each rank then uses GPU ``LOCAL_RANK``)
+    and ``gloo`` otherwise.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or ``None`` (choose as above).
+        timeout_s: Collective timeout.
+
+    Returns:
+        True when a process group with more than one rank is (now) initialised, False when
+        ``WORLD_SIZE`` is absent or 1.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is unavailable, or ``WORLD_SIZE > 1`` without ``RANK``,
+            ``MASTER_ADDR`` or ``MASTER_PORT``.
+    """
+    if _dist_ready():
+        return torch.distributed.get_world_size() > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False
+    if not torch.distributed.is_available():
+        raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {missing} are not set; launch with torchrun")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(
+        backend,
+        init_method="env://",
+        rank=int(os.environ["RANK"]),
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return True
+
+
+def world_size() -> int:
+    """Number of ranks (1 without an initialised process group)."""
+    return torch.distributed.get_world_size() if _dist_ready() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without an initialised process group)."""
+    return torch.distributed.get_rank() if _dist_ready() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the process that logs and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for a single process)."""
+    if _dist_ready():
+        torch.distributed.barrier()
+
+
+def _attr_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
+    """``(name, block)`` of every decoder layer and tower block, and the tower (or None)."""
+    for path in _DECODER_PATHS:
+        layers = _attr_path(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            break
+    else:
+        raise ValueError(
+            f"{type(model).__name__} has no decoder layers at any of {list(_DECODER_PATHS)} "
+            "(an nn.ModuleList); parallelize knows the vl_model layouts only"
+        )
+    found = [(f"{path}.{i}", layer) for i, layer in enumerate(layers)]
+    tower = None
+    for tpath in _TOWER_PATHS:
+        candidate = _attr_path(model, tpath)
+        blocks = getattr(candidate, "blocks", None)
+        if isinstance(candidate, nn.Module) and isinstance(blocks, nn.ModuleList):
+            tower = candidate
+            found += [(f"{tpath}.blocks.{i}", b) for i, b in enumerate(blocks)]
+            break
+    return found, tower
+
+
+def shard_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The non-root FSDP units of ``model`` in forward order: tower blocks, merger parts, decoder layers.
+
+    Raises:
+        ValueError: The model has none of the known decoder-layer layouts (paths named).
+    """
+    blocks, tower = _blocks(model)
+    vision = [(n, b) for n, b in blocks if ".blocks." in n]
+    decoder = [(n, b) for n, b in blocks if ".blocks." not in n]
+    mergers: list[tuple[str, nn.Module]] = []
+    if tower is not None:
+        prefix = next(p for p in _TOWER_PATHS if _attr_path(model, p) is tower)
+        for name in _MERGER_NAMES:
+            part = getattr(tower, name, None)
+            if isinstance(part, nn.Module) and any(True for _ in part.parameters()):
+                mergers.append((f"{prefix}.{name}", part))
+    return vision + mergers + decoder
+
+
+def _is_kv_cache(value: Any) -> bool:
+    # duck-typed transformers ``Cache`` (no transformers import here)
+    return callable(getattr(value, "get_seq_length", None)) and callable(getattr(value, "update", None))
+
+
+def _checkpointed_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        if any(_is_kv_cache(a) for a in (*args, *kwargs.values())):
+            # the recompute in backward would append this step's keys to the cache a second time
+            raise ValueError(
+                "a checkpointed block got a KV cache: pass use_cache=False to the model when training "
+                "with activation checkpointing"
+            )
+        # Non-reentrant: keyword arguments, inputs without grad and FSDP2's hooks all work with it.
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def checkpoint_blocks(model: nn.Module) -> list[str]:
+    """Recompute every decoder layer's and tower block's activations in backward instead of storing them.
+
+    Replaces each block's ``forward`` on the instance (the class and the parameter names stay as
+    they are, so state dicts, optimiser groups and ``vl_model.parts`` are unaffected). Idempotent.
+    Apply before :func:`parallelize`'s sharding (it calls this itself when asked); the recompute runs
+    inside the block's FSDP unit, whose parameters are gathered again for backward.
+
+    Returns:
+        The names of the blocks now checkpointed.
+
+    Raises:
+        ValueError: Unknown layout (see :func:`shard_units`).
+    """
+    blocks, _ = _blocks(model)
+    for _, block in blocks:
+        if not getattr(block, _CHECKPOINTED, False):
+            block.forward = _checkpointed_forward(block.forward)
+            setattr(block, _CHECKPOINTED, True)
+    return [name for name, _ in blocks]
+
+
+def _default_mesh() -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not _dist_ready():
+        raise RuntimeError(
+            "parallelize needs an initialised process group (call init_distributed() under torchrun) or a mesh"
+        )
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device, (torch.distributed.get_world_size(),))
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    mesh: Any = None,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+    mixed_precision: Any = None,
+) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: each block, the merger parts, then the root.
+
+    Args:
+        model: A ``VLForConditionalGeneration`` (or composed VLM) on the rank's device, initialised
+            identically on every rank (same seed or loaded weights); FSDP keeps this rank's shard.
+        mesh: A 1-D ``DeviceMesh`` (2-D for HSDP); default: every rank of the process group.
+        reshard_after_forward: Free each block's gathered parameters after its forward (gather again
+            in backward). The root always keeps its own until backward (FSDP2's root heuristic).
+        activation_checkpointing: Also apply :func:`checkpoint_blocks`.
+        mixed_precision: A ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 parameters,
+            fp32 gradient reduction) or None (compute in the parameters' dtype).
+
+    Returns:
+        The same module, now an ``FSDPModule``; run each training step's forward and loss through
+        :func:`root_forward`.
+
+    Raises:
+        ValueError: Unknown layout (see :func:`shard_units`).
+        RuntimeError: No process group and no mesh.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    units = shard_units(model)
+    if mesh is None:
+        mesh = _default_mesh()
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    policy = mixed_precision if mixed_precision is not None else MixedPrecisionPolicy()
+    for _, unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    # reshard_after_forward=None: FSDP2 keeps the root's parameters (embeddings, lm_head) gathered
+    # from forward to backward, since backward needs them first.
+    fully_shard(model, mesh=mesh, reshard_after_forward=None, mp_policy=policy)
+    setattr(model, _ROOT_CALL, _call)
+    register_fsdp_forward_method(model, _ROOT_CALL)
+    return model
+
+
+def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return fn(*args, **kwargs)
+
+
+def root_forward(model: nn.Module, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` as a forward of ``model``'s root FSDP unit.
+
+    Inside, the root's parameters (``model.lm_head.weight``, embeddings, final norm) are the gathered
+    full tensors, so ``lm_loss(hidden, model.lm_head.weight, ...)`` works, and their gradients are
+    reduce-scattered after ``backward``. Tensors in ``args`` / ``kwargs`` are cast to the
+    mixed-precision parameter dtype like forward inputs. ``fn`` must return its differentiable
+    outputs as tensors, or in tuples, lists, dicts or dataclasses (``LossOutput``) of tensors.
+    For a model not sharded by :func:`parallelize` this is ``fn(*args, **kwargs)``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 3)
+        >>> root_forward(model, lambda x: model.weight @ x, torch.ones(2)).shape
+        torch.Size([3])
+    """
+    method = getattr(model, _ROOT_CALL, None)
+    if method is None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            raise ValueError(f"{type(model).__name__} was sharded without vl_train.parallel.parallelize")
+        return fn(*args, **kwargs)
+    return method(fn, *args, **kwargs)
+
+
+def full_state_dict(model: nn.Module, *, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (plain tensors), gathered from every rank; a collective under FSDP.
+
+    Every rank must call it (each receives the full tensors). Parameter names are the model's own.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        out[name] = full.detach().cpu() if to_cpu else full.detach()
+    return out

@@ -1,0 +1,399 @@
+"""The training loop: gradient accumulation with a global loss normaliser, AdamW, clipping, checkpoints.
+
+One optimiser step (REFERENCE.md section 4; the loss is :func:`vl_train.losses.lm_loss`):
+
+1. draw ``A = grad_accum_steps`` micro-batches; compute the normaliser ``Z`` of the chosen reduction
+   over all of them and over every data-parallel rank (:func:`~vl_train.losses.global_loss_normalizer`);
+2. for each micro-batch: hidden states ``h = model.model(...)``, targets ``y_t = labels_{t+1}`` (the
+   shift happens here), ``loss_m = lm_loss(h, W_head, y, normalizer=Z)`` (+ the MoE balance loss / A);
+   back-propagate ``W x loss_m`` (``W`` ranks: DDP/FSDP average gradients, the global ``Z`` wants sums);
+3. if any ``loss_m`` or the gradient norm is not finite, the step is skipped (gradients dropped,
+   weights and optimiser state untouched) and logged; ``max_nan_steps`` consecutive ones stop the run;
+4. otherwise clip the gradient norm, step AdamW, step the warm-up + cosine schedule.
+
+``sum_m loss_m`` is then the loss of the whole global batch and its gradient that of one big batch.
+
+Notation: ``A`` micro-batches per step, ``W`` world size, ``Z`` global normaliser, ``W_head`` the LM head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vl_model.parts import freeze, unfreeze
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import PARTS, TrainConfig
+from .losses import IGNORE_INDEX, check_finite_loss, global_loss_normalizer, lm_loss, loss_normalizer, moe_aux_loss
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["OutputDirError", "TrainResult", "Trainer", "check_output_dir", "shift_labels"]
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "pixel_values",
+    "pixel_values_videos",
+    "image_grid_thw",
+    "video_grid_thw",
+    "mm_token_type_ids",
+    "segment_ids",
+)
+Callback = Callable[["Trainer", dict[str, Any]], object]
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be created or written."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended.
+
+    Attributes:
+        steps: Optimiser steps done (skipped ones included), counting those before a resume.
+        losses: Loss of every step (``nan`` / ``inf`` for skipped ones).
+        stopped_reason: ``"max_steps"``, ``"data_exhausted"``, ``"callback"`` or the non-finite-loss message.
+        output_dir: Where the metrics, plots and checkpoints are.
+        skipped_steps: Steps skipped for a non-finite loss.
+        checkpoint: The last checkpoint written (``None`` when none was).
+        eval_loss: Mean per-token loss on ``eval_batches`` at the end (``None`` without them).
+        plot: The loss-curve PNG (``None`` when not written).
+        records: The metrics record of every step.
+    """
+
+    steps: int
+    losses: list[float]
+    stopped_reason: str
+    output_dir: Path
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
+    eval_loss: float | None = None
+    plot: Path | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` and prove it writable by writing a probe file; raise :class:`OutputDirError` if not."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputDirError(
+            f"output directory {str(folder)!r} is not writable ({type(exc).__name__}: {exc}); "
+            "fix its permissions or set another output_dir"
+        ) from exc
+    return folder
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with positions: ``y[:, t] = labels[:, t + 1]``, the last position unscored.
+
+    Padding the targets (instead of slicing the hidden states) keeps ``h`` contiguous: no copy of it.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, L], got shape {tuple(labels.shape)}")
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if _world_size() > 1:
+        torch.distributed.all_reduce(value)
+    return value
+
+
+class Trainer:
+    """Trains a ``VLForConditionalGeneration`` with a :class:`~vl_train.config.TrainConfig`.
+
+    Args:
+        model: The model (``model.model(...)`` gives hidden states, ``model.lm_head`` projects them).
+            Parts outside ``config.trainable`` are frozen here.
+        config: The run's settings.
+        train_batches: Batches (dicts with ``input_ids``, ``labels`` and optionally ``attention_mask``,
+            ``segment_ids``, pixel inputs, ...), one micro-batch each. When the object has
+            ``state_dict()`` / ``load_state_dict()`` (describing the batches drawn so far), its state
+            is checkpointed and restored on resume, so the data continues where it stopped.
+        eval_batches: Batches for a mean per-token loss at the end of the run.
+        callbacks: ``callback(trainer, record)`` after every step (and its checkpoint); a truthy
+            return value stops the run.
+        resume: ``True``: continue from the latest checkpoint in ``config.output_dir`` (if any); a
+            path: from that checkpoint (or the latest one inside that folder).
+
+    Raises:
+        OutputDirError: ``config.output_dir`` cannot be created or written (before any training).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_batches: Iterable[dict[str, Any]],
+        *,
+        eval_batches: Iterable[dict[str, Any]] | None = None,
+        callbacks: Sequence[Callback] = (),
+        resume: bool | str | os.PathLike[str] = False,
+    ) -> None:
+        self.config = config
+        self.output_dir = check_output_dir(config.output_dir)
+        self.model, self.data = model, train_batches
+        self._batches = self._iterator()
+        self.eval_batches, self.callbacks = eval_batches, list(callbacks)
+        torch.manual_seed(config.seed)
+        freeze(model, [p for p in PARTS if p not in config.trainable])
+        unfreeze(model, config.trainable)
+        if config.activation_checkpointing:
+            # Non-reentrant: frozen inputs (S0's frozen embeddings) must not cut the layers' gradients.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.device = next(model.parameters()).device
+        inner: Any = model.model
+        self._forward: Callable[..., Any] = torch.compile(inner) if config.compile else inner
+        text_cfg = getattr(getattr(model, "config", None), "text_config", None)
+        self._moe_top_k = int(getattr(text_cfg, "num_experts_per_tok", 0)) if getattr(text_cfg, "num_experts", 0) else 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self._resume(self.output_dir if resume is True else Path(resume))
+
+    def _iterator(self) -> Iterator[dict[str, Any]]:
+        return self.data if isinstance(self.data, Iterator) else iter(self.data)
+
+    def _data_state(self) -> Any:
+        get = getattr(self.data, "state_dict", None)
+        return get() if callable(get) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step, model, optimiser, scheduler, data state and metrics (what a checkpoint holds)."""
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self._data_state(),
+            "metrics": list(self.history),
+        }
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step atomically; returns its folder."""
+        self.last_checkpoint = save_checkpoint(
+            self.output_dir,
+            step=self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            data_state=self._data_state(),
+            metrics=self.history,
+            extra={"config": self.config.to_dict()},
+            keep_last=self.config.keep_last,
+        )
+        return self.last_checkpoint
+
+    def _resume(self, where: Path) -> None:
+        path = where if (where / "meta.json").is_file() else latest_checkpoint(where)
+        if path is None:
+            if where != self.output_dir:
+                raise FileNotFoundError(f"no checkpoint to resume from in {where}")
+            log.info("no checkpoint in %s: starting from step 0", where)
+            return
+        ckpt = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step, self.history, self.last_checkpoint = ckpt.step, list(ckpt.metrics), path
+        load = getattr(self.data, "load_state_dict", None)
+        if ckpt.data_state is not None and callable(load):
+            load(ckpt.data_state)
+            self._batches = self._iterator()
+        else:
+            log.warning("resuming at step %d without a data state: batches restart from the beginning", self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        bf16 = self.config.bf16
+        if bf16 is True or (bf16 == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def micro_batch_loss(
+        self, batch: dict[str, Any], targets: torch.Tensor, normalizer: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(lm_loss, moe_aux_loss or None)`` of one micro-batch with the step's normaliser."""
+        cfg = self.config
+        use_moe = self._moe_top_k > 0 and cfg.moe_aux_coef > 0
+        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+        head: Any = self.model.lm_head  # read per call: wrappers (FSDP) may replace its weight
+        with self._autocast():
+            out = self._forward(**inputs, use_cache=False, output_router_logits=use_moe or None)
+            loss = lm_loss(
+                out.last_hidden_state,
+                head.weight,
+                targets,
+                segment_ids=batch.get("segment_ids"),
+                reduction=cfg.loss_reduction,
+                chunk_size=cfg.loss_chunk_size,
+                normalizer=normalizer,
+            ).loss
+            aux = None
+            if use_moe and out.router_logits:
+                aux = moe_aux_loss(
+                    list(out.router_logits), batch.get("attention_mask"), self._moe_top_k, coef=cfg.moe_aux_coef
+                )
+                aux = aux / cfg.grad_accum_steps
+        return loss, aux
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step over ``grad_accum_steps`` micro-batches; returns its metrics record.
+
+        Raises:
+            StopIteration: The data ran out before the step's micro-batches were drawn.
+        """
+        cfg = self.config
+        start = time.perf_counter()
+        micro = [self._to_device(next(self._batches)) for _ in range(cfg.grad_accum_steps)]
+        targets = [shift_labels(b["labels"]) for b in micro]
+        z = global_loss_normalizer(
+            [loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) for t, b in zip(targets, micro, strict=True)]
+        )
+        world = _world_size()
+        lr = {f"lr/{g['part']}": float(g["lr"]) for g in self.optimizer.param_groups}
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_total = torch.zeros_like(total)
+        for batch, y in zip(micro, targets, strict=True):
+            loss, aux = self.micro_batch_loss(batch, y, z)
+            objective = loss * world + (aux if aux is not None else 0.0)
+            # Every rank runs every backward (FSDP collectives must match); a bad loss marks the step.
+            objective.backward()
+            total += loss.detach().double()
+            if aux is not None:
+                aux_total += aux.detach().double()
+        _all_reduce_sum(total)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        norm: Any = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        finite = check_finite_loss(total) and check_finite_loss(aux_total) and check_finite_loss(norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (it counts as a step); torch warns about that.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        self.step += 1
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        elapsed = time.perf_counter() - start
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": float(total),
+            **lr,
+            "grad_norm": float(norm),
+            "tokens": tokens,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "skipped": not finite,
+        }
+        if self._moe_top_k and cfg.moe_aux_coef > 0:
+            record["moe_aux_loss"] = float(aux_total)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, Any]] | None = None) -> float:
+        """Mean per-token next-token loss over ``batches`` (default: ``eval_batches``)."""
+        batches = self.eval_batches if batches is None else batches
+        if batches is None:
+            raise ValueError("evaluate() needs batches: pass them or give the Trainer eval_batches")
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        for raw in batches:
+            batch = self._to_device(raw)
+            y = shift_labels(batch["labels"])
+            total += self.micro_batch_loss(batch, y, 1.0)[0].double().cpu()
+            count += float((y != IGNORE_INDEX).sum())
+        self.model.train(was_training)
+        return float(_all_reduce_sum(total) / _all_reduce_sum(count).clamp_min(1.0))
+
+    def train(self) -> TrainResult:
+        """Run until ``max_steps`` (or the data ends, a callback stops it, or losses stay non-finite)."""
+        cfg = self.config
+        self.model.train()
+        metrics = MetricsLogger(
+            self.output_dir,
+            total_steps=cfg.max_steps,
+            tensorboard=cfg.tensorboard,
+            progress=cfg.progress,
+            history=self.history,
+        )
+        self.history = metrics.records
+        reason, bad_run, plot = "max_steps", 0, None
+        try:
+            while self.step < cfg.max_steps:
+                try:
+                    record = self.train_step()
+                except StopIteration:
+                    reason = "data_exhausted"
+                    break
+                metrics.log(record)
+                if record["skipped"]:
+                    bad_run += 1
+                    log.warning(
+                        "step %d: non-finite loss %s, step skipped (weights unchanged)", self.step, record["loss"]
+                    )
+                    if bad_run >= cfg.max_nan_steps:
+                        reason = (
+                            f"non-finite loss in {bad_run} consecutive steps (max_nan_steps={cfg.max_nan_steps}), "
+                            f"last at step {self.step}: the run stopped; check the data and lower the learning rate"
+                        )
+                        log.error(reason)
+                        break
+                else:
+                    bad_run = 0
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                if any([bool(cb(self, record)) for cb in self.callbacks]):
+                    reason = "callback"
+                    break
+            saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{self.step:08d}"
+            if not reason.startswith("non-finite") and self.step > 0 and not saved:
+                self.save()
+        finally:
+            plot = metrics.close(plot=cfg.plot)
+        eval_loss = self.evaluate() if self.eval_batches is not None else None
+        return TrainResult(
+            steps=self.step,
+            losses=[float(r["loss"]) for r in self.history],
+            stopped_reason=reason,
+            output_dir=self.output_dir,
+            skipped_steps=sum(bool(r.get("skipped")) for r in self.history),
+            checkpoint=self.last_checkpoint,
+            eval_loss=eval_loss,
+            plot=plot,
+            records=list(self.history),
+        )

@@ -1,0 +1,194 @@
+"""The vl-train CLI: recipes, overrides, unknown keys, model and data building, and the S0 -> S1 -> SFT chain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _cli_helpers import write_recipe
+
+from vl_train.cli import (
+    apply_overrides,
+    build_data,
+    build_model,
+    load_recipe,
+    main,
+    packaged_recipes,
+    resolve_config,
+)
+from vl_train.demo_tokenizer import SPECIAL_TOKENS, make_demo_tokenizer
+
+DEMOS = ["demo_s0", "demo_s1", "demo_sft"]
+
+
+def test_packaged_recipes_resolve() -> None:
+    assert set(DEMOS) <= set(packaged_recipes())
+    configs = {name: resolve_config(load_recipe(name)) for name in DEMOS}
+    assert [c.stage for c in configs.values()] == ["S0", "S1", "SFT"]
+    assert configs["demo_s0"].trainable == ("merger", "deepstack")
+    assert all(c.max_length == 512 and 30 <= c.max_steps <= 60 for c in configs.values())
+    assert load_recipe("demo_s1.toml")["model"]["init_from"] == "runs/demo_s0"
+    assert load_recipe("demo_sft")["model"]["init_from"] == "runs/demo_s1"
+    with pytest.raises(FileNotFoundError, match="demo_s0"):
+        load_recipe("no_such_recipe")
+
+
+def test_overrides() -> None:
+    recipe = apply_overrides(
+        load_recipe("demo_s0"),
+        [
+            "train.lr=1e-4",
+            "data.size=20",
+            "train.packing=false",
+            "data.tasks=['count']",
+            "train.output_dir=out/x",
+            "model.text.hidden_size=32",
+        ],
+    )
+    assert recipe["train"]["lr"] == 1e-4 and recipe["data"]["size"] == 20 and recipe["data"]["tasks"] == ["count"]
+    assert recipe["train"]["packing"] is False and recipe["train"]["output_dir"] == "out/x"
+    assert recipe["model"]["text"]["hidden_size"] == 32 and recipe["model"]["text"]["num_hidden_layers"] == 2
+    assert load_recipe("demo_s0")["train"]["lr"] == 5e-3  # the loaded recipe is not modified
+    config = resolve_config(recipe, output="elsewhere")
+    assert config.lr == 1e-4 and not config.packing and config.output_dir == "elsewhere"
+    with pytest.raises(ValueError, match=r"section\.key=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+@pytest.mark.parametrize(
+    ("override", "named", "known"),
+    [
+        ("train.bogus=1", "bogus", "max_steps"),
+        ("model.hidden=3", "hidden", "init_from"),
+        ("data.sizes=3", "sizes", "image_size_range"),
+        ("optimizer=3", "optimizer", "train"),
+        ("data.sources.a.weight=1", "weight", "ratio"),
+    ],
+)
+def test_unknown_keys_fail_by_name(override: str, named: str, known: str, capsys) -> None:
+    assert main(["demo_s0", "--set", override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{named}'" in err and known in err
+
+
+def test_dry_run_and_list(capsys) -> None:
+    assert main(["demo_s0", "--dry-run", "--set", "data.size=8"]) == 0
+    assert "preset S0" in capsys.readouterr().out
+    assert main(["--list"]) == 0
+    assert "demo_sft" in capsys.readouterr().out
+    assert main(["demo_s1", "--dry-run", "--init-from", "/nonexistent/run"]) == 2
+    assert "run the previous stage first" in capsys.readouterr().err
+
+
+def test_demo_tokenizer_covers_synthetic_text() -> None:
+    from vl_train.data.synthetic import SyntheticDataset
+
+    tok = make_demo_tokenizer()
+    ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert len(set(ids)) == len(SPECIAL_TOKENS) and tok.unk_token_id not in ids
+    words = chars = 0
+    for sample in SyntheticDataset(size=18, seed=1, image_size_range=(48, 64), video_frames=(2, 3)):
+        texts = [i["text"] for m in sample["messages"] for i in m["content"] if i["type"] == "text"]
+        for text in [*texts, sample.get("reasoning") or ""]:
+            enc = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in enc and tok.decode(enc) == text
+            pieces = [p for p in tok.convert_ids_to_tokens(enc) if p.strip()]
+            words += sum(len(p) > 1 for p in pieces)
+            chars += sum(len(p) == 1 and p.isalpha() for p in pieces)
+    assert words > 5 * chars  # the dataset's words are whole tokens
+
+
+def test_build_model_and_data() -> None:
+    recipe = apply_overrides(load_recipe("demo_s0"), ["data.size=12", "train.max_length=384"])
+    config = resolve_config(recipe)
+    model, processor = build_model(recipe["model"])
+    tok = processor.tokenizer
+    assert model.config.text_config.vocab_size >= len(tok) and model.config.text_config.hidden_size == 64
+    assert model.config.vision_config.patch_size == 8 and processor.image_processor.patch_size == 8
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    batches = build_data(recipe["data"], processor, config)
+    for _ in range(3):  # an endless stream: more batches than the 12 samples fill
+        batch = next(batches)
+        assert batch["input_ids"].shape == (2, 384) and (batch["labels"] != -100).any()
+        out = model(**batch)
+        assert torch.isfinite(out.loss)
+
+
+def test_init_from_loads_weights(tmp_path: Path) -> None:
+    model, _ = build_model({"text": {"hidden_size": 32, "intermediate_size": 64}})
+    model.save_pretrained(str(tmp_path / "run" / "model"))
+    loaded, processor = build_model({"init_from": str(tmp_path / "run")})
+    assert processor.image_processor.patch_size == 8
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_recipe_file_with_sources(tmp_path: Path) -> None:
+    path = write_recipe(
+        tmp_path / "mix.toml",
+        """
+preset = "S1"
+[model]
+max_pixels = 4096
+[data.sources.vision]
+kind = "synthetic"
+size = 8
+tasks = ["count"]
+image_size_range = [48, 64]
+ratio = 3
+[data.sources.text]
+kind = "synthetic"
+size = 8
+tasks = ["text_math"]
+ratio = 1
+[train]
+max_length = 256
+micro_batch_size = 1
+""",
+    )
+    recipe = load_recipe(str(path))
+    with pytest.raises(ValueError, match=r"\['size'\] describe a single source"):
+        resolve_config(apply_overrides(recipe, ["data.size=3"]))
+    config = resolve_config(recipe)
+    assert config.stage == "S1" and config.max_length == 256
+    _, processor = build_model(recipe["model"])
+    batch = next(build_data(recipe["data"], processor, config))
+    assert batch["input_ids"].shape == (1, 256)
+
+
+def test_python_m_vl_train() -> None:
+    done = subprocess.run([sys.executable, "-m", "vl_train", "--list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "demo_s0" in done.stdout
+
+
+def test_demo_chain_s0_s1_sft(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("vl_train.trainer", reason="vl_train.trainer (the Trainer) is not written yet")
+    quick = [
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "data.size=16",
+        "--set",
+        "train.save_every=0",
+        "--set",
+        "train.plot=false",
+    ]
+    runs = {name: tmp_path / name for name in DEMOS}
+    assert main(["demo_s0", "--output", str(runs["demo_s0"]), *quick]) == 0
+    assert main(["demo_s1", "--output", str(runs["demo_s1"]), "--init-from", str(runs["demo_s0"]), *quick]) == 0
+    assert main(["demo_sft", "--output", str(runs["demo_sft"]), "--init-from", str(runs["demo_s1"]), *quick]) == 0
+    out = capsys.readouterr().out
+    for run in runs.values():
+        assert (run / "model" / "config.json").is_file() and str(run.resolve()) in out
+    # S0 trained only the merger: the LLM of S1's starting point is S0's (and the fresh model's)
+    from vl_model import VLForConditionalGeneration
+
+    s0 = VLForConditionalGeneration.from_pretrained(str(runs["demo_s0"] / "model"))
+    s1 = VLForConditionalGeneration.from_pretrained(str(runs["demo_s1"] / "model"))
+    fresh, _ = build_model(load_recipe("demo_s0")["model"])
+    assert torch.equal(s0.lm_head.weight, fresh.lm_head.weight)
+    assert not torch.equal(s0.model.visual.merger.linear_fc2.weight, fresh.model.visual.merger.linear_fc2.weight)
+    assert not torch.equal(s1.lm_head.weight, s0.lm_head.weight)

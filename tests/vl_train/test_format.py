@@ -1,0 +1,92 @@
+"""Sample format: validation, JSONL round trip with file and base64 media, locations, DataStats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _data_helpers import image, image_sample, text_sample, video_sample
+
+from vl_train.data.format import DataError, DataStats, HFDataset, JsonlDataset, load_image, validate_sample, write_jsonl
+
+
+def test_validate_accepts_the_documented_format() -> None:
+    for sample in (text_sample(), image_sample(reasoning="r", answer="x"), video_sample()):
+        assert validate_sample(sample) is sample
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda s: s.update(id=3), "'id' must be a string"),
+        (lambda s: s["messages"].append({"role": "robot", "content": "x"}), "role 'robot'"),
+        (lambda s: s.update(messages=[s["messages"][1]]), "no assistant message"),
+        (lambda s: s["messages"][1].update(content=[{"type": "audio", "audio": 1}]), "item 0"),
+        (lambda s: s["messages"][2].update(content=[{"type": "image", "image": "a.png"}]), "only user messages"),
+        (lambda s: s.update(reasoning=5), "'reasoning' must be a string"),
+    ],
+)
+def test_validate_names_the_problem(change, needle: str) -> None:  # type: ignore[no-untyped-def]
+    sample = text_sample("bad-1")
+    change(sample)
+    with pytest.raises(DataError, match=needle):
+        validate_sample(sample)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_jsonl_round_trip(tmp_path: Path, inline: bool) -> None:
+    samples = [text_sample("a"), image_sample("b", img=image(20, 12, seed=5)), video_sample("c", n_frames=3)]
+    path = write_jsonl(samples, tmp_path / "data.jsonl", inline_media=inline)
+    back = list(JsonlDataset(path))
+    assert [s["id"] for s in back] == ["a", "b", "c"]
+    assert [s["_source"] for s in back] == [f"{path}:{n}" for n in (1, 2, 3)]
+    ref = back[1]["messages"][0]["content"][0]["image"]
+    assert isinstance(ref, bytes) if inline else Path(ref).is_absolute()
+    got = np.asarray(load_image(ref, back[1]))
+    assert np.array_equal(got, np.asarray(image(20, 12, seed=5)))
+    assert len(back[2]["messages"][0]["content"][0]["video"]) == 3
+    assert back[2]["messages"][0]["content"][0]["fps"] == 2.0
+    # lazily re-iterable: a second pass gives the same samples
+    assert [s["id"] for s in JsonlDataset(path)] == ["a", "b", "c"]
+
+
+def test_jsonl_bad_line_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(text_sample("ok")) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
+        list(JsonlDataset(path))
+    with pytest.raises(FileNotFoundError, match="no such JSONL"):
+        JsonlDataset(tmp_path / "nope.jsonl")
+
+
+def test_load_image_errors_name_sample_and_location(tmp_path: Path) -> None:
+    sample = image_sample("img-7") | {"_source": "x.jsonl:4"}
+    with pytest.raises(DataError, match=r"sample 'img-7' at x\.jsonl:4: .*missing or corrupt"):
+        load_image(str(tmp_path / "gone.png"), sample)
+    with pytest.raises(DataError, match="img-7"):
+        load_image(b"\x89PNG not really", sample)
+
+
+def test_stats_count_report_merge_and_state() -> None:
+    a, b = DataStats(max_examples=1), DataStats()
+    a.add("skipped_bad_media", "s1")
+    a.add("skipped_bad_media", "s2")
+    b.add("truncated", "t")
+    a.merge(b)
+    assert a["skipped_bad_media"] == 2 and a["truncated"] == 1 and a["other"] == 0
+    assert a.report() == "skipped_bad_media: 2\n  - s1\ntruncated: 1\n  - t"
+    c = DataStats()
+    c.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert c.report() == a.report()
+
+
+def test_hf_dataset_source() -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = [text_sample("h0"), text_sample("h1")]
+    ds = datasets.Dataset.from_list(rows)
+    got = list(HFDataset(ds, name="toy"))
+    assert [s["id"] for s in got] == ["h0", "h1"] and got[1]["_source"] == "hf:toy[1]"
+    streamed = list(HFDataset(ds.to_iterable_dataset(), name="toy"))
+    assert [s["id"] for s in streamed] == ["h0", "h1"]
