@@ -270,6 +270,11 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job. For now: the vl-rope quickstart example."""
-    _install(session, *_editable())
-    session.run("python", "examples/rope_quickstart.py", *session.posargs)
+    """The main job: a tiny Qwen3-VL-class model trained S0 -> S1 -> SFT on the embedded synthetic data.
+
+    Outputs (checkpoints, metrics.jsonl, loss-curve PNGs) go to ``runs/demo_*``; extra arguments are
+    passed to every stage (e.g. ``nox -s demo -- --set train.max_steps=100``).
+    """
+    _install(session, *_editable("metrics"))
+    for recipe in ("demo_s0", "demo_s1", "demo_sft"):
+        session.run("vl-train", recipe, *session.posargs)
