@@ -28,18 +28,20 @@ the final model as ``OUTPUT/model`` (``save_pretrained``), which the next stage'
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TrainConfig
 from .stages import stage
+
+if TYPE_CHECKING:
+    from .data.stream import PackedStream
 
 __all__ = ["build_data", "build_model", "build_processor", "load_recipe", "main", "resolve_config"]
 
@@ -245,14 +247,14 @@ def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
     raise ValueError(f"unknown data source kind {kind!r}; kinds are ['synthetic', 'jsonl']")
 
 
-def build_data(
-    data_section: Mapping[str, Any], processor: Any, config: TrainConfig
-) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of training batches: mixture -> chat rendering -> packing (or padding)."""
-    from .data.collate import collate
+def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainConfig) -> PackedStream:
+    """An endless, checkpointable stream of training batches: mixture -> chat rendering -> packing (or padding).
+
+    Its ``state_dict()`` goes into the trainer's checkpoints, so a resumed run continues the data exactly.
+    """
     from .data.mixture import MixtureSampler
-    from .data.packing import iter_packed
     from .data.render import SampleRenderer
+    from .data.stream import PackedStream
 
     seed = int(data_section.get("seed", config.seed))
     specs = dict(data_section.get("sources", {})) or {"data": {k: v for k, v in data_section.items() if k in _SOURCE}}
@@ -267,17 +269,14 @@ def build_data(
         policy=data_section.get("policy", "fail"),
         thinking=thinking,
     )
-    pad = int(processor.tokenizer.pad_token_id)
-    rendered = renderer.iter(mixture)
-    if config.packing:
-        return iter_packed(rendered, config.max_length, pad_token_id=pad, rows_per_batch=config.micro_batch_size)
-
-    def padded() -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            rows = list(itertools.islice(rendered, config.micro_batch_size))
-            yield collate(rows, pad_token_id=pad)
-
-    return padded()
+    return PackedStream(
+        mixture,
+        renderer,
+        max_length=config.max_length,
+        pad_token_id=int(processor.tokenizer.pad_token_id),
+        rows_per_batch=config.micro_batch_size,
+        packing=config.packing,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,10 @@ One optimiser step (REFERENCE.md section 4; the loss is :func:`vl_train.losses.l
 
 ``sum_m loss_m`` is then the loss of the whole global batch and its gradient that of one big batch.
 
+With ``W > 1`` ranks (``torch.distributed`` initialised) the model is sharded with FSDP2
+(:func:`vl_train.parallel.parallelize`), each micro-batch's forward and loss run through
+:func:`~vl_train.parallel.root_forward`, checkpoints hold the gathered full state and only rank 0 writes files.
+
 Notation: ``A`` micro-batches per step, ``W`` world size, ``Z`` global normaliser, ``W_head`` the LM head.
 """
 
@@ -40,6 +44,7 @@ from .config import PARTS, TrainConfig
 from .losses import IGNORE_INDEX, check_finite_loss, global_loss_normalizer, lm_loss, loss_normalizer, moe_aux_loss
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .parallel import barrier, full_state_dict, is_main_process, parallelize, root_forward, world_size
 
 __all__ = ["OutputDirError", "TrainResult", "Trainer", "check_output_dir", "shift_labels"]
 
@@ -115,15 +120,33 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if _world_size() > 1:
+    if world_size() > 1:
         torch.distributed.all_reduce(value)
     return value
+
+
+class _Snapshot:
+    """Stands in for a sharded model / optimiser in ``save_checkpoint``: ``state_dict()`` is the gathered one."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+class _RankMetrics:
+    """The metrics of a rank other than 0: kept in memory, no files."""
+
+    def __init__(self, history: Sequence[dict[str, Any]]) -> None:
+        self.records = [dict(r) for r in history]
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(dict(record))
+
+    def close(self, plot: bool = False) -> Path | None:
+        return None
 
 
 class Trainer:
@@ -158,14 +181,20 @@ class Trainer:
         resume: bool | str | os.PathLike[str] = False,
     ) -> None:
         self.config = config
-        self.output_dir = check_output_dir(config.output_dir)
+        self.distributed = world_size() > 1
+        self.output_dir = check_output_dir(config.output_dir) if is_main_process() else Path(config.output_dir)
         self.model, self.data = model, train_batches
         self._batches = self._iterator()
         self.eval_batches, self.callbacks = eval_batches, list(callbacks)
         torch.manual_seed(config.seed)
         freeze(model, [p for p in PARTS if p not in config.trainable])
         unfreeze(model, config.trainable)
-        if config.activation_checkpointing:
+        if self.distributed:
+            from torch.distributed.fsdp import FSDPModule
+
+            if not isinstance(model, FSDPModule):  # an already sharded model keeps its own setup
+                parallelize(model, activation_checkpointing=config.activation_checkpointing)
+        elif config.activation_checkpointing:
             # Non-reentrant: frozen inputs (S0's frozen embeddings) must not cut the layers' gradients.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
         self.optimizer = build_optimizer(model, config)
@@ -200,18 +229,31 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step atomically; returns its folder."""
+        """Write a checkpoint of the current step atomically (rank 0; a collective under FSDP); returns its folder."""
+        model: Any = self.model
+        optimizer: Any = self.optimizer
+        if self.distributed:  # every rank takes part in the gathers; rank 0 writes
+            from torch.distributed.checkpoint import state_dict as dcp
+
+            model = _Snapshot(full_state_dict(self.model))
+            options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optimizer = _Snapshot(dcp.get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        self.last_checkpoint = self.output_dir / f"checkpoint-{self.step:08d}"
+        if not is_main_process():
+            barrier()
+            return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
             self.output_dir,
             step=self.step,
-            model=self.model,
-            optimizer=self.optimizer,
+            model=model,
+            optimizer=optimizer,
             scheduler=self.scheduler,
             data_state=self._data_state(),
             metrics=self.history,
             extra={"config": self.config.to_dict()},
             keep_last=self.config.keep_last,
         )
+        barrier()
         return self.last_checkpoint
 
     def _resume(self, where: Path) -> None:
@@ -221,6 +263,11 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint to resume from in {where}")
             log.info("no checkpoint in %s: starting from step 0", where)
             return
+        if self.distributed:
+            raise NotImplementedError(
+                f"resuming a {world_size()}-rank FSDP run is not supported yet (each rank needs its own data "
+                "state and the sharded weights reloaded); resume it with one process"
+            )
         ckpt = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.step, self.history, self.last_checkpoint = ckpt.step, list(ckpt.metrics), path
         load = getattr(self.data, "load_state_dict", None)
@@ -247,24 +294,29 @@ class Trainer:
         cfg = self.config
         use_moe = self._moe_top_k > 0 and cfg.moe_aux_coef > 0
         inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-        head: Any = self.model.lm_head  # read per call: wrappers (FSDP) may replace its weight
-        with self._autocast():
-            out = self._forward(**inputs, use_cache=False, output_router_logits=use_moe or None)
-            loss = lm_loss(
-                out.last_hidden_state,
-                head.weight,
-                targets,
-                segment_ids=batch.get("segment_ids"),
-                reduction=cfg.loss_reduction,
-                chunk_size=cfg.loss_chunk_size,
-                normalizer=normalizer,
-            ).loss
-            aux = None
-            if use_moe and out.router_logits:
-                aux = moe_aux_loss(
-                    list(out.router_logits), batch.get("attention_mask"), self._moe_top_k, coef=cfg.moe_aux_coef
-                )
-                aux = aux / cfg.grad_accum_steps
+
+        def forward_and_loss() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+            # Runs as the FSDP root's forward: lm_head.weight is only gathered in there.
+            head: Any = self.model.lm_head  # read per call: FSDP swaps the parameter objects
+            with self._autocast():
+                out = self._forward(**inputs, use_cache=False, output_router_logits=use_moe or None)
+                loss = lm_loss(
+                    out.last_hidden_state,
+                    head.weight,
+                    targets,
+                    segment_ids=batch.get("segment_ids"),
+                    reduction=cfg.loss_reduction,
+                    chunk_size=cfg.loss_chunk_size,
+                    normalizer=normalizer,
+                ).loss
+            return loss, (list(out.router_logits) if use_moe and out.router_logits else None)
+
+        loss, router_logits = root_forward(self.model, forward_and_loss)
+        aux = None
+        if router_logits:
+            with self._autocast():
+                aux = moe_aux_loss(router_logits, batch.get("attention_mask"), self._moe_top_k, coef=cfg.moe_aux_coef)
+            aux = aux / cfg.grad_accum_steps
         return loss, aux
 
     def train_step(self) -> dict[str, Any]:
@@ -280,7 +332,7 @@ class Trainer:
         z = global_loss_normalizer(
             [loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) for t, b in zip(targets, micro, strict=True)]
         )
-        world = _world_size()
+        world = world_size()
         lr = {f"lr/{g['part']}": float(g["lr"]) for g in self.optimizer.param_groups}
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -344,12 +396,16 @@ class Trainer:
         """Run until ``max_steps`` (or the data ends, a callback stops it, or losses stay non-finite)."""
         cfg = self.config
         self.model.train()
-        metrics = MetricsLogger(
-            self.output_dir,
-            total_steps=cfg.max_steps,
-            tensorboard=cfg.tensorboard,
-            progress=cfg.progress,
-            history=self.history,
+        metrics: MetricsLogger | _RankMetrics = (
+            MetricsLogger(
+                self.output_dir,
+                total_steps=cfg.max_steps,
+                tensorboard=cfg.tensorboard,
+                progress=cfg.progress,
+                history=self.history,
+            )
+            if is_main_process()
+            else _RankMetrics(self.history)
         )
         self.history = metrics.records
         reason, bad_run, plot = "max_steps", 0, None
