@@ -14,15 +14,13 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
-from vl_rope import VisionRoPE2D
-from vl_vision import VisionOutput, VisionTransformer
+from vl_vision import VisionOutput
 
 __all__ = [
     "VLCausalLMOutput",
     "VLModelOutput",
     "check_pairs",
     "join_deepstack",
-    "materialise_vision_rope",
     "segments_from_cu_seqlens",
 ]
 
@@ -69,18 +67,6 @@ def check_pairs(pixels: torch.Tensor | None, grid: torch.Tensor | None, kind: st
                 f"{names[0]} has {pixels.shape[0]} patches but {names[1]} describes {expected} "
                 f"(sum of t*h*w over {grid.shape[0]} {kind}s)"
             )
-
-
-def materialise_vision_rope(tower: VisionTransformer) -> None:
-    """Rebuild the tower's unregistered 2-D RoPE table on CPU when the tower was built on the meta device.
-
-    transformers' ``from_pretrained`` builds models under ``torch.device("meta")``; the tower keeps its
-    rotary table outside the module tree (never saved, never loaded), so it would stay without data.
-    """
-    rope = tower._rope[0]
-    if rope.inv_freq.is_meta:
-        with torch.device("cpu"):
-            tower._rope = (VisionRoPE2D(rope.head_dim, rope.theta, rope.spatial_merge_size),)
 
 
 def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:

@@ -32,7 +32,6 @@ from ._inputs import (
     VLModelOutput,
     check_pairs,
     join_deepstack,
-    materialise_vision_rope,
     segments_from_cu_seqlens,
 )
 from .configuration import VLConfig
@@ -48,7 +47,6 @@ class VLModel(VLPreTrainedModel):
         super().__init__(config)
         impl = VISION_ATTN.get(config._attn_implementation or "sdpa", "sdpa")
         self.visual = VisionTransformer(config.vision_config.to_vision_config(attn_implementation=impl))
-        materialise_vision_rope(self.visual)
         self.language_model = VLTextModel(config.text_config)
         self.rope_deltas: torch.Tensor | None = None
         self.post_init()
