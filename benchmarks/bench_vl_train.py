@@ -20,16 +20,22 @@ Data is built by hand (not rendered by a processor): random text ids below every
    (transformers' mean over labelled tokens), no gradient clipping, the same AdamW settings. The
    first-step losses (from identical weights) are checked equal (rel 1e-3) before timing; the ratio
    is over whole optimiser steps, the note gives tokens/s.
-2. Memory: one packed row (8K tokens in the full run, 4K in the quick one: 32K tokens takes well over a
-   minute per step on 2 CPU cores) of 1K-token samples separated by ``segment_ids``, SFT-style labels on
-   the last quarter of every sample, one image per sample. Ours with ``activation_checkpointing=True``
-   and ``loss_chunk_size=4096`` vs ours without checkpointing and with a loss chunk as large as the
-   labelled-token count (one chunk: the full ``[tokens, V]`` logits). Peak memory is the peak of live
-   tensor storage during one ``train_step()`` after a first untimed step (so the AdamW state exists on
-   both sides), counted by ``benchmarks/_memory.py``. The row's ratio is the step time (checkpointing
-   pays for its memory with a recomputed forward, so expect < 1); the note carries the memory. With
-   2048 or fewer labelled tokens a 4096-token chunk is a single chunk, so at 4K / 8K the saving comes
-   from checkpointing alone; the chunked loss only splits from 16K-token rows on.
+2. Memory: one packed row of 32K tokens (8K in the quick run) of 1K-token samples separated by
+   ``segment_ids``, one image per sample, SFT-style labels on the last 1/16 of every sample (2048
+   labelled tokens at 32K). A smaller model than row 1 keeps a 32K step near half a minute on 2 CPU
+   cores (dense attention masks make the attention cost grow with L^2): text hidden 128, 2 layers,
+   2 heads (1 KV head), head_dim 64, intermediate 384, the real 151936 vocabulary; vision depth 1,
+   width 64. Ours with ``activation_checkpointing=True`` and ``loss_chunk_size=256`` (8 chunks at 32K, 2 at 8K)
+   vs ours without checkpointing and with a loss chunk as large as the labelled-token count (one chunk:
+   the full ``[labelled, V]`` logits, what a plain loss pays). One ``train_step()`` per side (a 32K
+   step is slow here): its peak of live tensor storage, counted by ``benchmarks/_memory.py``, and its
+   time, taken with the counter attached on both sides (its per-operator cost is small next to a step).
+   The AdamW state is created at the end of that first step, after the activation peak, so it does
+   not change the peaks. The first-step losses are checked equal. The row's ratio is the step time
+   (checkpointing pays for its memory with a recomputed forward, so expect < 1); the note carries both
+   peaks and their ratio. Both sides include the SDPA path's dense ``[L, L]`` boolean packed-sample
+   mask (vl-model's ``create_causal_mask``: 1 GiB at 32K, about 3 GiB while it is built), a floor
+   under the lean side's peak that neither checkpointing nor the chunked loss removes.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import gc
 import itertools
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,34 +65,37 @@ GRID = [1, 224 // PATCH, 224 // PATCH]  # one 224 px image: 196 patches, 49 merg
 IMAGE_TOKENS = GRID[0] * GRID[1] * GRID[2] // MERGE**2
 ROWS, SEQ, ANSWER = 2, 1024, 256  # throughput batch: SFT-style labels on the last ANSWER tokens of a row
 SAMPLE = 1024  # packed sample length in the memory row
+MEMORY_CHUNK = 256  # the lean side's loss chunk (labelled tokens per vocabulary projection)
 LR = 1e-4
 
 
-def _hf_config() -> Any:
+def _hf_config(small: bool = False) -> Any:
+    """Row 1's config, or (``small``) the memory row's narrower, shallower one with the same vocabulary."""
     import transformers
 
+    width = 128 if small else 256
     text = {
         "vocab_size": VOCAB,
-        "hidden_size": 256,
-        "intermediate_size": 768,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "hidden_size": width,
+        "intermediate_size": 3 * width,
+        "num_hidden_layers": 2 if small else 4,
+        "num_attention_heads": 2 if small else 4,
+        "num_key_value_heads": 1 if small else 2,
         "head_dim": 64,
-        "max_position_embeddings": 32768,
+        "max_position_embeddings": 65536,
         "attention_dropout": 0.0,
         "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [12, 10, 10]},
     }
     vision = {
-        "depth": 2,
-        "hidden_size": 128,
-        "intermediate_size": 512,
+        "depth": 1 if small else 2,
+        "hidden_size": 64 if small else 128,
+        "intermediate_size": 256 if small else 512,
         "num_heads": 2,
         "patch_size": PATCH,
         "temporal_patch_size": 2,
         "spatial_merge_size": MERGE,
-        "out_hidden_size": 256,
-        "deepstack_visual_indexes": [0, 1],
+        "out_hidden_size": width,
+        "deepstack_visual_indexes": [0] if small else [0, 1],
     }
     return transformers.Qwen3VLConfig(
         text_config=text,
@@ -97,11 +107,11 @@ def _hf_config() -> Any:
     )
 
 
-def _save(folder: Path) -> None:
+def _save(folder: Path, small: bool = False) -> None:
     import transformers
 
     torch.manual_seed(0)
-    transformers.Qwen3VLForConditionalGeneration(_hf_config()).float().save_pretrained(str(folder))
+    transformers.Qwen3VLForConditionalGeneration(_hf_config(small)).float().save_pretrained(str(folder))
     gc.collect()
 
 
@@ -217,43 +227,47 @@ def _packed_row(length: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     batch = _batch([[t for _ in range(samples) for t in _sample(g, SAMPLE)]], g)
     batch["segment_ids"] = torch.arange(samples).repeat_interleave(SAMPLE)[None]
     labels = _text_labels(batch["input_ids"])
-    answer = torch.arange(length) % SAMPLE >= SAMPLE - SAMPLE // 4  # last quarter of each sample
+    answer = torch.arange(length) % SAMPLE >= SAMPLE - SAMPLE // 16  # last 1/16 of each sample
     batch["labels"] = labels.masked_fill(~answer[None], -100)
     return batch
 
 
+def _measured(fn: Callable[[], dict[str, Any]]) -> tuple[float, float, float]:
+    """``(loss, ms, peak MB)`` of one call of a ``train_step`` (timed with the memory counter attached)."""
+    out: dict[str, Any] = {}
+
+    def step() -> None:
+        out.update(fn())
+
+    start = time.perf_counter()
+    peak = peak_tensor_mb(step)
+    return float(out["loss"]), (time.perf_counter() - start) * 1e3, peak
+
+
 def _memory_row(folder: Path, out: Path, quick: bool) -> Row:
-    length = 4096 if quick else 8192
+    length = 8192 if quick else 32768
     batch = _packed_row(length, torch.Generator().manual_seed(2))
     labelled = int((batch["labels"][:, 1:] != -100).sum())
-    lean = _trainer(_ours(folder), batch, out / "lean", activation_checkpointing=True, loss_chunk_size=4096)
     plain = _trainer(_ours(folder), batch, out / "plain", activation_checkpointing=False, loss_chunk_size=labelled)
-    loss_lean, loss_plain = float(lean.train_step()["loss"]), float(plain.train_step()["loss"])
+    loss_plain, ms_plain, mem_plain = _measured(plain.train_step)
+    del plain
+    gc.collect()
+    lean = _trainer(_ours(folder), batch, out / "lean", activation_checkpointing=True, loss_chunk_size=MEMORY_CHUNK)
+    loss_lean, ms_lean, mem_lean = _measured(lean.train_step)
     if abs(loss_lean - loss_plain) > 1e-4 * abs(loss_plain):
         raise AssertionError(f"losses differ: checkpointed+chunked {loss_lean!r}, plain {loss_plain!r}")
-    mem_lean = peak_tensor_mb(lean.train_step)
-    mem_plain = peak_tensor_mb(plain.train_step)
-    row = compare(
-        BENCH,
+    chunks = -(-labelled // MEMORY_CHUNK)
+    case = (
         f"one packed step: 1 row x {length} tokens ({length // SAMPLE} samples of {SAMPLE}, one 224 px image "
-        f"each, {labelled} labelled), checkpointing + loss chunk 4096 vs neither (one {labelled}-token chunk)",
-        baseline="ours without activation checkpointing, unchunked loss",
-        baseline_fn=plain.train_step,
-        ours_fn=lean.train_step,
-        warmup=0,
-        repeat=1 if quick else 2,
-        note=(
-            f"first-step loss {loss_lean:.4f} both; peak tensor memory of one step: without "
-            f"{mem_plain:.0f} MB, with {mem_lean:.0f} MB ({mem_plain / mem_lean:.1f}x less); "
-            f"{'quick: 4K' if quick else '8K'} tokens, not 32K (too slow on 2 CPU cores)"
-            + (
-                f"; {labelled} labelled < chunk 4096, so the loss is one chunk on both sides here"
-                if labelled <= 4096
-                else ""
-            )
-        ),
+        f"each, {labelled} labelled), hidden 128 x 2 layers, vocab 151936: checkpointing + loss chunk "
+        f"{MEMORY_CHUNK} ({chunks} chunks) vs neither (one {labelled}-token chunk)"
     )
-    return row
+    note = (
+        f"first-step loss {loss_lean:.4f} both; peak tensor memory of the step: without {mem_plain:.0f} MB, "
+        f"with {mem_lean:.0f} MB ({mem_plain / mem_lean:.1f}x less); one step per side, timed with the "
+        "memory counter attached" + ("; quick: 8K tokens (the full run: 32K)" if quick else "")
+    )
+    return Row(BENCH, case, "ours without activation checkpointing, unchunked loss", ms_plain, ms_lean, "cpu", note)
 
 
 def run(quick: bool) -> list[Row]:
@@ -263,11 +277,12 @@ def run(quick: bool) -> list[Row]:
         print("bench_vl_train: transformers is not installed; no baseline to compare against")
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        folder, out = Path(tmp) / "ckpt", Path(tmp) / "runs"
+        folder, small, out = Path(tmp) / "ckpt", Path(tmp) / "ckpt-small", Path(tmp) / "runs"
         _save(folder)
         rows = [_throughput_row(folder, out / "throughput", quick)]
         gc.collect()
-        rows.append(_memory_row(folder, out / "memory", quick))
+        _save(small, small=True)
+        rows.append(_memory_row(small, out / "memory", quick))
     return rows
 
 

@@ -132,3 +132,30 @@ def test_mismatched_model_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unexpected"):
         load_checkpoint(path, model=torch.nn.Linear(2, 2))
     assert rng_state()["torch"].dtype == torch.uint8
+
+
+def test_extra_files_are_written_inside_the_atomic_folder(tmp_path: Path) -> None:
+    model, opt, sched = _parts(tmp_path)
+    extra = {"data-rank0.pt": {"data": {"index": 1}}, "data-rank1.pt": {"data": {"index": 2}}}
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra_files=extra)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "data-rank0.pt",
+        "data-rank1.pt",
+        "meta.json",
+        "model.safetensors",
+        "trainer_state.pt",
+    ]
+    assert torch.load(path / "data-rank1.pt", weights_only=True) == {"data": {"index": 2}}
+    for bad in ("meta.json", "../x.pt", "sub/x.pt", ".hidden"):
+        with pytest.raises(ValueError, match="not plain file names"):
+            save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scheduler=sched, extra_files={bad: 1})
+    assert [p.name for p in list_checkpoints(tmp_path)] == [path.name]  # nothing half-written
+
+
+def test_single_process_resume_of_a_multi_rank_checkpoint_is_refused(tmp_path: Path) -> None:
+    from vl_train.run_checkpoint import load_run_checkpoint
+
+    model, opt, sched = _parts(tmp_path)
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scheduler=sched, extra={"world_size": 4})
+    with pytest.raises(ValueError, match="written by 4 ranks; resume it with 4"):
+        load_run_checkpoint(path, model, opt, sched)

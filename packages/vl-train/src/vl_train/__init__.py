@@ -9,12 +9,16 @@
 - ``vl_train.data``: sample format, rendering with assistant-only labels, packing, mixtures, and the
   embedded ``SyntheticDataset``.
 - ``vl_train.parallel``: FSDP2 (``parallelize``) and activation checkpointing applied by function.
-- CLI ``vl-train RECIPE`` (packaged demo recipes ``demo_s0``, ``demo_s1``, ``demo_sft``).
+- ``estimate_memory``: per-rank memory of a long-context step (weights, AdamW, activations, loss chunk).
+- ``DistillTrainer``: on-policy (reverse KL / JSD) and off-policy distillation runs.
+- CLI ``vl-train RECIPE`` (packaged demo recipes ``demo_s0``, ``demo_s1``, ``demo_sft``, ``demo_distill``).
 """
 
 from .config import PARTS, TrainConfig
 from .distill import off_policy_distill_loss, on_policy_distill_step
+from .distill_run import DistillTrainer
 from .losses import LossOutput, global_loss_normalizer, lm_loss, loss_normalizer, moe_aux_loss
+from .memory import estimate_memory
 from .stages import S0, S1, S2, S3, SFT, SFT_LONG, Distill, DistillSpec, stage
 from .teacher import generate_teacher_data
 from .trainer import OutputDirError, Trainer, TrainResult
@@ -31,12 +35,14 @@ __all__ = [
     "SFT_LONG",
     "Distill",
     "DistillSpec",
+    "DistillTrainer",
     "LossOutput",
     "OutputDirError",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "__version__",
+    "estimate_memory",
     "generate_teacher_data",
     "global_loss_normalizer",
     "lm_loss",

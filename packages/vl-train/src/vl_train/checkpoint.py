@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["Checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
@@ -121,6 +130,7 @@ def save_checkpoint(
     metrics: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 0,
+    extra_files: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` under ``directory`` atomically; return its path.
 
@@ -134,7 +144,16 @@ def save_checkpoint(
         metrics: JSON-serialisable per-step records so far.
         extra: More JSON-serialisable values for ``meta.json``.
         keep_last: Delete older checkpoints beyond this many (0 keeps all).
+        extra_files: ``{file name: value}`` written with ``torch.save`` into the folder before it is
+            renamed into place (e.g. every rank's data state), so they are part of the atomic write.
+
+    Raises:
+        ValueError: An ``extra_files`` name is a path or collides with the checkpoint's own files.
     """
+    extra_files = dict(extra_files or {})
+    bad = [n for n in extra_files if n in (MODEL_FILE, STATE_FILE, META_FILE) or Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"extra_files names {bad} are not plain file names distinct from the checkpoint's own files")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step:08d}"
@@ -148,9 +167,11 @@ def save_checkpoint(
             "data": data_state,
         }
         torch.save(state, tmp / STATE_FILE)
+        for name, value in extra_files.items():
+            torch.save(value, tmp / name)
         meta = {"step": step, "metrics": metrics or [], "extra": extra or {}}
         (tmp / META_FILE).write_text(json.dumps(meta))
-        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+        for name in (MODEL_FILE, STATE_FILE, META_FILE, *extra_files):
             _fsync(tmp / name)
         _fsync(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first

@@ -41,11 +41,21 @@ from .config import TrainConfig
 from .stages import stage
 
 if TYPE_CHECKING:
+    from .data.mixture import MixtureSampler
     from .data.stream import PackedStream
 
-__all__ = ["build_data", "build_model", "build_processor", "load_recipe", "main", "resolve_config"]
+__all__ = [
+    "build_data",
+    "build_mixture",
+    "build_model",
+    "build_processor",
+    "load_recipe",
+    "main",
+    "resolve_config",
+    "weights_folder",
+]
 
-_TOP = {"preset", "description", "model", "data", "train"}
+_TOP = {"preset", "description", "model", "data", "train", "teacher"}
 _MODEL = {
     "init_from",
     "checkpoint",
@@ -181,7 +191,8 @@ def build_processor(model_section: Mapping[str, Any], patch_size: int, merge_siz
     return processor
 
 
-def _weights_folder(path: str) -> Path:
+def weights_folder(path: str) -> Path:
+    """The folder holding ``config.json`` + weights: ``path`` itself or a vl-train run's ``path/model``."""
     folder = Path(path)
     for candidate in (folder, folder / "model"):
         if (candidate / "config.json").is_file():
@@ -198,7 +209,7 @@ def build_model(model_section: Mapping[str, Any]) -> tuple[Any, Any]:
 
     source = model_section.get("init_from") or model_section.get("checkpoint")
     if source:
-        model = VLForConditionalGeneration.from_pretrained(str(_weights_folder(str(source))))
+        model = VLForConditionalGeneration.from_pretrained(str(weights_folder(str(source))))
         vision = model.config.vision_config
         processor = build_processor(
             model_section, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
@@ -247,20 +258,26 @@ def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
     raise ValueError(f"unknown data source kind {kind!r}; kinds are ['synthetic', 'jsonl']")
 
 
-def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainConfig) -> PackedStream:
-    """An endless, checkpointable stream of training batches: mixture -> chat rendering -> packing (or padding).
-
-    Its ``state_dict()`` goes into the trainer's checkpoints, so a resumed run continues the data exactly.
-    """
+def build_mixture(data_section: Mapping[str, Any], config: TrainConfig) -> MixtureSampler:
+    """The ``[data]`` section's samples: one source or a mixture of ``[data.sources.NAME]`` by ratio (endless)."""
     from .data.mixture import MixtureSampler
-    from .data.render import SampleRenderer
-    from .data.stream import PackedStream
 
     seed = int(data_section.get("seed", config.seed))
     specs = dict(data_section.get("sources", {})) or {"data": {k: v for k, v in data_section.items() if k in _SOURCE}}
     sources = {name: _source(spec, seed) for name, spec in specs.items()}
     ratios = {name: float(spec.get("ratio", 1.0)) for name, spec in specs.items()}
-    mixture = MixtureSampler(sources, ratios, seed=seed, shuffle_buffer=int(data_section.get("shuffle_buffer", 1000)))
+    return MixtureSampler(sources, ratios, seed=seed, shuffle_buffer=int(data_section.get("shuffle_buffer", 1000)))
+
+
+def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainConfig) -> PackedStream:
+    """An endless, checkpointable stream of training batches: mixture -> chat rendering -> packing (or padding).
+
+    Its ``state_dict()`` goes into the trainer's checkpoints, so a resumed run continues the data exactly.
+    """
+    from .data.render import SampleRenderer
+    from .data.stream import PackedStream
+
+    mixture = build_mixture(data_section, config)
     thinking = {"auto": None, "on": True, "off": False}[config.thinking]
     renderer = SampleRenderer(
         processor,
@@ -277,6 +294,21 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
         rows_per_batch=config.micro_batch_size,
         packing=config.packing,
     )
+
+
+def _check_teacher(recipe: Mapping[str, Any], config: TrainConfig) -> bool:
+    """Whether the recipe distils (preset Distill); its ``[teacher]`` section is checked (unknown keys named)."""
+    from .distill_run import teacher_spec
+    from .stages import distill_spec
+
+    if config.stage != "Distill":
+        if "teacher" in recipe:
+            raise ValueError(f"[teacher] is only used with preset = 'Distill', not {config.stage!r}")
+        return False
+    if "teacher" not in recipe:
+        raise ValueError("preset 'Distill' needs a [teacher] section with model = the teacher's folder")
+    teacher_spec(dict(recipe["teacher"]), distill_spec(config))
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -322,8 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.init_from:
             recipe.setdefault("model", {})["init_from"] = args.init_from
         config = resolve_config(recipe, args.output)
+        distilling = _check_teacher(recipe, config)
         model, processor = build_model(recipe.get("model", {}))
-        batches = build_data(recipe.get("data", {}), processor, config)
+        batches = None if distilling else build_data(recipe.get("data", {}), processor, config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vl-train: error: {exc}", file=sys.stderr)
         return 2
@@ -340,11 +373,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     freeze(model, [p for p in ("vision", "merger", "deepstack", "llm") if p not in config.trainable])
     unfreeze(model, list(config.trainable))
     try:
-        trainer = Trainer(model, config, batches)
-    except ValueError as exc:  # e.g. an unwritable output directory, reported before any training
+        if batches is None:
+            from .distill_run import run_distill
+
+            result = run_distill(recipe, config, model, processor)
+        else:
+            result = Trainer(model, config, batches).train()
+    except (ValueError, FileNotFoundError) as exc:  # e.g. an unwritable output directory, before any training
         print(f"vl-train: error: {exc}", file=sys.stderr)
         return 2
-    result = trainer.train()
     output_dir = Path(getattr(result, "output_dir", None) or config.output_dir)
     model.save_pretrained(str(output_dir / "model"))
     _report(output_dir, result)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLogger", "plot_loss_curve"]
+__all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLogger", "NonFiniteGuard", "RankMetrics", "plot_loss_curve"]
 
 log = logging.getLogger(__name__)
 METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR = "metrics.jsonl", "loss_curve.png", "tensorboard"
@@ -124,3 +124,45 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         return plot_loss_curve(self.records, self.dir / PLOT_FILE) if plot and self.records else None
+
+
+class RankMetrics:
+    """The metrics of a rank other than 0: kept in memory (the same interface as :class:`MetricsLogger`), no files."""
+
+    def __init__(self, history: Sequence[dict[str, Any]] = ()) -> None:
+        self.records = [dict(r) for r in history]
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Keep one step's record."""
+        self.records.append(dict(record))
+
+    def close(self, plot: bool = False) -> Path | None:
+        """Nothing to close or plot; returns ``None``."""
+        return None
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps and says when the run must stop.
+
+    Args:
+        max_bad: Consecutive skipped steps that stop the run.
+    """
+
+    def __init__(self, max_bad: int) -> None:
+        self.max_bad, self.run = max_bad, 0
+
+    def update(self, step: int, record: dict[str, Any]) -> str | None:
+        """Record a step; returns the stop message once ``max_bad`` steps in a row were skipped, else ``None``."""
+        if not record.get("skipped"):
+            self.run = 0
+            return None
+        self.run += 1
+        log.warning("step %d: non-finite loss %s, step skipped (weights unchanged)", step, record.get("loss"))
+        if self.run < self.max_bad:
+            return None
+        reason = (
+            f"non-finite loss in {self.run} consecutive steps (max_nan_steps={self.max_bad}), "
+            f"last at step {step}: the run stopped; check the data and lower the learning rate"
+        )
+        log.error(reason)
+        return reason

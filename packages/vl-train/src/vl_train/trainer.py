@@ -5,8 +5,9 @@ One optimiser step (REFERENCE.md section 4; the loss is :func:`vl_train.losses.l
 1. draw ``A = grad_accum_steps`` micro-batches; compute the normaliser ``Z`` of the chosen reduction
    over all of them and over every data-parallel rank (:func:`~vl_train.losses.global_loss_normalizer`);
 2. for each micro-batch: hidden states ``h = model.model(...)``, targets ``y_t = labels_{t+1}`` (the
-   shift happens here), ``loss_m = lm_loss(h, W_head, y, normalizer=Z)`` (+ the MoE balance loss / A);
-   back-propagate ``W x loss_m`` (``W`` ranks: DDP/FSDP average gradients, the global ``Z`` wants sums);
+   shift happens here), ``loss_m = lm_loss(h, W_head, y, normalizer=Z)`` plus the MoE balance loss, its
+   expert counts global over the step by default (:class:`vl_train.step.StepLoss`); back-propagate
+   ``W x loss_m`` (``W`` ranks: DDP/FSDP average gradients, the global ``Z`` wants sums);
 3. if any ``loss_m`` or the gradient norm is not finite, the step is skipped (gradients dropped,
    weights and optimiser state untouched) and logged; ``max_nan_steps`` consecutive ones stop the run;
 4. otherwise clip the gradient norm, step AdamW, step the warm-up + cosine schedule.
@@ -15,7 +16,9 @@ One optimiser step (REFERENCE.md section 4; the loss is :func:`vl_train.losses.l
 
 With ``W > 1`` ranks (``torch.distributed`` initialised) the model is sharded with FSDP2
 (:func:`vl_train.parallel.parallelize`), each micro-batch's forward and loss run through
-:func:`~vl_train.parallel.root_forward`, checkpoints hold the gathered full state and only rank 0 writes files.
+:func:`~vl_train.parallel.root_forward`, checkpoints hold the gathered full state plus every rank's data
+state, only rank 0 writes files, and a resumed run reloads them into every rank's shards
+(:mod:`vl_train.run_checkpoint`).
 
 Notation: ``A`` micro-batches per step, ``W`` world size, ``Z`` global normaliser, ``W_head`` the LM head.
 """
@@ -39,28 +42,19 @@ from torch import nn
 
 from vl_model.parts import freeze, unfreeze
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint
 from .config import PARTS, TrainConfig
-from .losses import IGNORE_INDEX, check_finite_loss, global_loss_normalizer, lm_loss, loss_normalizer, moe_aux_loss
-from .metrics import MetricsLogger
+from .losses import IGNORE_INDEX, check_finite_loss, global_loss_normalizer, loss_normalizer
+from .metrics import MetricsLogger, NonFiniteGuard, RankMetrics
 from .optim import build_optimizer, build_scheduler
-from .parallel import barrier, full_state_dict, is_main_process, parallelize, root_forward, world_size
+from .parallel import is_main_process, parallelize, world_size
+from .run_checkpoint import RunState, load_run_checkpoint, save_run_checkpoint
+from .step import MODEL_INPUTS, StepLoss, shift_labels
 
-__all__ = ["OutputDirError", "TrainResult", "Trainer", "check_output_dir", "shift_labels"]
+__all__ = ["MODEL_INPUTS", "OutputDirError", "TrainResult", "Trainer", "check_output_dir", "shift_labels"]
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "pixel_values",
-    "pixel_values_videos",
-    "image_grid_thw",
-    "video_grid_thw",
-    "mm_token_type_ids",
-    "segment_ids",
-)
 Callback = Callable[["Trainer", dict[str, Any]], object]
 
 
@@ -110,43 +104,10 @@ def check_output_dir(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Targets aligned with positions: ``y[:, t] = labels[:, t + 1]``, the last position unscored.
-
-    Padding the targets (instead of slicing the hidden states) keeps ``h`` contiguous: no copy of it.
-    """
-    if labels.dim() != 2:
-        raise ValueError(f"labels must be [B, L], got shape {tuple(labels.shape)}")
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-
-
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         torch.distributed.all_reduce(value)
     return value
-
-
-class _Snapshot:
-    """Stands in for a sharded model / optimiser in ``save_checkpoint``: ``state_dict()`` is the gathered one."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
-
-
-class _RankMetrics:
-    """The metrics of a rank other than 0: kept in memory, no files."""
-
-    def __init__(self, history: Sequence[dict[str, Any]]) -> None:
-        self.records = [dict(r) for r in history]
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.records.append(dict(record))
-
-    def close(self, plot: bool = False) -> Path | None:
-        return None
 
 
 class Trainer:
@@ -196,14 +157,16 @@ class Trainer:
                 parallelize(model, activation_checkpointing=config.activation_checkpointing)
         elif config.activation_checkpointing:
             # Non-reentrant: frozen inputs (S0's frozen embeddings) must not cut the layers' gradients.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+            enable: Any = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5.x name; the old one warns it is deprecated
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
         self.optimizer = build_optimizer(model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.device = next(model.parameters()).device
         inner: Any = model.model
-        self._forward: Callable[..., Any] = torch.compile(inner) if config.compile else inner
-        text_cfg = getattr(getattr(model, "config", None), "text_config", None)
-        self._moe_top_k = int(getattr(text_cfg, "num_experts_per_tok", 0)) if getattr(text_cfg, "num_experts", 0) else 0
+        self.loss = StepLoss(model, torch.compile(inner) if config.compile else inner, config, self._autocast)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
@@ -229,31 +192,10 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step atomically (rank 0; a collective under FSDP); returns its folder."""
-        model: Any = self.model
-        optimizer: Any = self.optimizer
-        if self.distributed:  # every rank takes part in the gathers; rank 0 writes
-            from torch.distributed.checkpoint import state_dict as dcp
-
-            model = _Snapshot(full_state_dict(self.model))
-            options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-            optimizer = _Snapshot(dcp.get_optimizer_state_dict(self.model, self.optimizer, options=options))
-        self.last_checkpoint = self.output_dir / f"checkpoint-{self.step:08d}"
-        if not is_main_process():
-            barrier()
-            return self.last_checkpoint
-        self.last_checkpoint = save_checkpoint(
-            self.output_dir,
-            step=self.step,
-            model=model,
-            optimizer=optimizer,
-            scheduler=self.scheduler,
-            data_state=self._data_state(),
-            metrics=self.history,
-            extra={"config": self.config.to_dict()},
-            keep_last=self.config.keep_last,
-        )
-        barrier()
+        """Write a checkpoint of the current step atomically (a collective under FSDP); returns its folder."""
+        cfg = self.config
+        run = RunState(self.step, self._data_state(), self.history, {"config": cfg.to_dict()}, cfg.keep_last)
+        self.last_checkpoint = save_run_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, run)
         return self.last_checkpoint
 
     def _resume(self, where: Path) -> None:
@@ -263,12 +205,7 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoint to resume from in {where}")
             log.info("no checkpoint in %s: starting from step 0", where)
             return
-        if self.distributed:
-            raise NotImplementedError(
-                f"resuming a {world_size()}-rank FSDP run is not supported yet (each rank needs its own data "
-                "state and the sharded weights reloaded); resume it with one process"
-            )
-        ckpt = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        ckpt = load_run_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step, self.history, self.last_checkpoint = ckpt.step, list(ckpt.metrics), path
         load = getattr(self.data, "load_state_dict", None)
         if ckpt.data_state is not None and callable(load):
@@ -290,34 +227,41 @@ class Trainer:
     def micro_batch_loss(
         self, batch: dict[str, Any], targets: torch.Tensor, normalizer: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(lm_loss, moe_aux_loss or None)`` of one micro-batch with the step's normaliser."""
-        cfg = self.config
-        use_moe = self._moe_top_k > 0 and cfg.moe_aux_coef > 0
-        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+        """``(lm_loss, moe_aux_loss or None)`` of one micro-batch with the step's normaliser (see ``vl_train.step``)."""
+        return self.loss(batch, targets, normalizer)
 
-        def forward_and_loss() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-            # Runs as the FSDP root's forward: lm_head.weight is only gathered in there.
-            head: Any = self.model.lm_head  # read per call: FSDP swaps the parameter objects
-            with self._autocast():
-                out = self._forward(**inputs, use_cache=False, output_router_logits=use_moe or None)
-                loss = lm_loss(
-                    out.last_hidden_state,
-                    head.weight,
-                    targets,
-                    segment_ids=batch.get("segment_ids"),
-                    reduction=cfg.loss_reduction,
-                    chunk_size=cfg.loss_chunk_size,
-                    normalizer=normalizer,
-                ).loss
-            return loss, (list(out.router_logits) if use_moe and out.router_logits else None)
+    def accumulate(self, micro: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one step's micro-batches: gradients accumulate in the parameters.
 
-        loss, router_logits = root_forward(self.model, forward_and_loss)
-        aux = None
-        if router_logits:
-            with self._autocast():
-                aux = moe_aux_loss(router_logits, batch.get("attention_mask"), self._moe_top_k, coef=cfg.moe_aux_coef)
-            aux = aux / cfg.grad_accum_steps
-        return loss, aux
+        Returns:
+            ``(loss, moe_aux_loss)`` of the global batch (summed over micro-batches and ranks; float64).
+        """
+        cfg, world = self.config, world_size()
+        targets = [shift_labels(b["labels"]) for b in micro]
+        z = global_loss_normalizer(
+            [loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) for t, b in zip(targets, micro, strict=True)]
+        )
+        counted = self.loss.global_balance and len(micro) > 1
+        if counted:  # global-batch MoE balance: every micro-batch's routing is counted before any loss
+            self.loss.count_routing(micro)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_total = torch.zeros_like(total)
+        for batch, y in zip(micro, targets, strict=True):
+            loss, aux = self.loss(batch, y, z, counted=counted)
+            # DDP/FSDP average gradients over ranks; the global normaliser wants sums (so does the
+            # global-batch balance loss; the per-micro-batch one is a mean over ranks).
+            objective = loss * world
+            if aux is not None:
+                objective = objective + (aux * world if self.loss.global_balance else aux)
+                aux_total += aux.detach().double()
+            # Every rank runs every backward (FSDP collectives must match); a bad loss marks the step.
+            objective.backward()
+            total += loss.detach().double()
+        _all_reduce_sum(total)
+        _all_reduce_sum(aux_total)
+        if not self.loss.global_balance:
+            aux_total /= world
+        return total, aux_total
 
     def train_step(self) -> dict[str, Any]:
         """One optimiser step over ``grad_accum_steps`` micro-batches; returns its metrics record.
@@ -328,24 +272,9 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         micro = [self._to_device(next(self._batches)) for _ in range(cfg.grad_accum_steps)]
-        targets = [shift_labels(b["labels"]) for b in micro]
-        z = global_loss_normalizer(
-            [loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) for t, b in zip(targets, micro, strict=True)]
-        )
-        world = world_size()
         lr = {f"lr/{g['part']}": float(g["lr"]) for g in self.optimizer.param_groups}
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        aux_total = torch.zeros_like(total)
-        for batch, y in zip(micro, targets, strict=True):
-            loss, aux = self.micro_batch_loss(batch, y, z)
-            objective = loss * world + (aux if aux is not None else 0.0)
-            # Every rank runs every backward (FSDP collectives must match); a bad loss marks the step.
-            objective.backward()
-            total += loss.detach().double()
-            if aux is not None:
-                aux_total += aux.detach().double()
-        _all_reduce_sum(total)
+        total, aux_total = self.accumulate(micro)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
         norm: Any = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -370,7 +299,7 @@ class Trainer:
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "skipped": not finite,
         }
-        if self._moe_top_k and cfg.moe_aux_coef > 0:
+        if self.loss.uses_moe:
             record["moe_aux_loss"] = float(aux_total)
         return record
 
@@ -396,7 +325,7 @@ class Trainer:
         """Run until ``max_steps`` (or the data ends, a callback stops it, or losses stay non-finite)."""
         cfg = self.config
         self.model.train()
-        metrics: MetricsLogger | _RankMetrics = (
+        metrics: MetricsLogger | RankMetrics = (
             MetricsLogger(
                 self.output_dir,
                 total_steps=cfg.max_steps,
@@ -405,10 +334,10 @@ class Trainer:
                 history=self.history,
             )
             if is_main_process()
-            else _RankMetrics(self.history)
+            else RankMetrics(self.history)
         )
         self.history = metrics.records
-        reason, bad_run, plot = "max_steps", 0, None
+        reason, guard, plot = "max_steps", NonFiniteGuard(cfg.max_nan_steps), None
         try:
             while self.step < cfg.max_steps:
                 try:
@@ -417,20 +346,10 @@ class Trainer:
                     reason = "data_exhausted"
                     break
                 metrics.log(record)
-                if record["skipped"]:
-                    bad_run += 1
-                    log.warning(
-                        "step %d: non-finite loss %s, step skipped (weights unchanged)", self.step, record["loss"]
-                    )
-                    if bad_run >= cfg.max_nan_steps:
-                        reason = (
-                            f"non-finite loss in {bad_run} consecutive steps (max_nan_steps={cfg.max_nan_steps}), "
-                            f"last at step {self.step}: the run stopped; check the data and lower the learning rate"
-                        )
-                        log.error(reason)
-                        break
-                else:
-                    bad_run = 0
+                stop = guard.update(self.step, record)
+                if stop is not None:
+                    reason = stop
+                    break
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                 if any([bool(cb(self, record)) for cb in self.callbacks]):

@@ -1,0 +1,249 @@
+"""Distillation runs from a recipe: the ``[teacher]`` section, prompt batches and a distilling ``Trainer``.
+
+What ``vl-train`` does with ``preset = "Distill"`` (or ``"Distill_on_policy"``) and a ``[teacher]``
+section (REFERENCE.md section 4, strong-to-weak distillation; :mod:`vl_train.distill`):
+
+- off-policy, loss ``"ce"``: the teacher answers ``samples`` prompts drawn from ``[data]``
+  (:func:`vl_train.teacher.generate_teacher_data`, adaptive repetition penalty), the answers are written
+  to ``OUTPUT/teacher_data.jsonl``, and the student is fine-tuned on them (cross-entropy, like SFT);
+- off-policy, loss ``"forward_kl"`` / ``"jsd"``: the student trains on ``[data]``'s own samples against
+  the teacher's next-token distributions at every labelled position
+  (:func:`vl_train.distill.off_policy_distill_loss`);
+- on-policy, loss ``"reverse_kl"`` / ``"jsd"``: for each batch of prompts drawn from ``[data]`` the
+  student samples ``max_new_tokens`` tokens and minimises the per-token reverse KL (or GKD's JSD(beta))
+  to the teacher on them (:func:`vl_train.distill.sample_completions` +
+  :func:`~vl_train.distill.sampled_distill_loss`).
+
+The losses use the config's ``loss_reduction`` with a normaliser global over the step's micro-batches,
+so gradient accumulation gives the one-big-batch gradient. Teacher and student share the tokenizer.
+Distillation runs on one process (the student samples with ``generate``, which FSDP does not shard).
+
+Notation: ``B`` prompts per batch, ``P`` longest prompt (left-padded), ``T`` sampled tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distill import _head_weight, _model_inputs, off_policy_distill_loss, sample_completions, sampled_distill_loss
+from .losses import IGNORE_INDEX, global_loss_normalizer, loss_normalizer
+from .parallel import world_size
+from .stages import DistillSpec, distill_spec
+from .teacher import prompt_inputs
+from .trainer import Trainer, TrainResult
+
+__all__ = ["TEACHER_KEYS", "DistillTrainer", "PromptBatches", "collate_prompts", "run_distill", "teacher_spec"]
+
+TEACHER_KEYS = {
+    "model",
+    "mode",
+    "loss",
+    "beta",
+    "temperature",
+    "max_new_tokens",
+    "samples",
+    "base_penalty",
+    "short_penalty",
+}
+_PAD_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+_CAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def teacher_spec(section: Mapping[str, Any], base: DistillSpec) -> DistillSpec:
+    """The run's :class:`~vl_train.stages.DistillSpec`: the preset's, with the ``[teacher]`` section's fields.
+
+    Raises:
+        ValueError: Unknown keys in ``[teacher]`` (named, the known ones listed), no ``model`` in it, or an
+            invalid spec (a loss the mode does not support, ``beta`` outside ``[0, 1]``, ...).
+    """
+    unknown = sorted(set(section) - TEACHER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in [teacher]; known keys are {sorted(TEACHER_KEYS)}")
+    if not section.get("model"):
+        raise ValueError("[teacher] needs model = a model folder (or a previous vl-train run's output folder)")
+    fields = {k: section[k] for k in ("mode", "loss", "beta", "temperature", "max_new_tokens") if k in section}
+    if "mode" in fields and "loss" not in fields and fields["mode"] != base.mode:
+        fields["loss"] = "ce" if fields["mode"] == "off_policy" else "reverse_kl"
+    return DistillSpec(**{**base.to_dict(), **fields})
+
+
+def collate_prompts(prompts: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad ``[1, P_i]`` prompt inputs into one ``[B, P]`` batch; visual inputs are concatenated.
+
+    Raises:
+        ValueError: No prompts, or a prompt that is not a single row.
+    """
+    if not prompts:
+        raise ValueError("collate_prompts needs at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if p["input_ids"].dim() != 2 or p["input_ids"].shape[0] != 1]
+    if bad:
+        raise ValueError(f"prompts {bad} are not single rows [1, P]")
+    longest = max(int(p["input_ids"].shape[1]) for p in prompts)
+    out: dict[str, torch.Tensor] = {}
+    for key, fill in _PAD_KEYS.items():
+        if key not in prompts[0]:
+            continue
+        value = pad_token_id if fill is None else fill
+        rows = [torch.cat([p[key].new_full((1, longest - p[key].shape[1]), value), p[key]], dim=1) for p in prompts]
+        out[key] = torch.cat(rows)
+    for key in _CAT_KEYS:
+        parts = [p[key] for p in prompts if key in p]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+class PromptBatches(Iterator[dict[str, torch.Tensor]]):
+    """Endless batches of ``rows`` left-padded prompts from a sample stream (the final assistant turn dropped).
+
+    Checkpointable when the stream is (``state_dict`` / ``load_state_dict`` pass through), so a resumed
+    run draws the same prompts.
+
+    Args:
+        samples: An endless sample iterator, e.g. a :class:`~vl_train.data.mixture.MixtureSampler`.
+        processor: Renders and encodes each prompt (:func:`vl_train.teacher.prompt_inputs`).
+        rows: Prompts per batch.
+    """
+
+    def __init__(self, samples: Iterator[Mapping[str, Any]], processor: Any, rows: int) -> None:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.samples, self.processor, self.rows = samples, processor, rows
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        prompts = [prompt_inputs(self.processor, next(self.samples)) for _ in range(self.rows)]
+        return collate_prompts(prompts, int(self.processor.tokenizer.pad_token_id))
+
+    def state_dict(self) -> Any:
+        """The sample stream's state (``None`` when it has none)."""
+        get = getattr(self.samples, "state_dict", None)
+        return get() if callable(get) else None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore the sample stream's state."""
+        self.samples.load_state_dict(state)  # type: ignore[attr-defined]
+
+
+class DistillTrainer(Trainer):
+    """A :class:`~vl_train.trainer.Trainer` whose step loss is a distillation loss to a frozen teacher.
+
+    On-policy (``config.extra["distill"]["mode"] == "on_policy"``) the batches are prompts
+    (:class:`PromptBatches`); off-policy they are training batches (``labels``) and the loss is the
+    forward KL / JSD to the teacher's distributions. Other arguments as for ``Trainer``.
+
+    Args:
+        model: The student.
+        teacher: The teacher, same vocabulary; frozen here and kept in eval mode.
+        *args: As for :class:`~vl_train.trainer.Trainer`.
+        **kwargs: As for :class:`~vl_train.trainer.Trainer`.
+
+    Raises:
+        ValueError: The spec is off-policy ``"ce"`` (use the plain ``Trainer`` on teacher-written data), the
+            vocabularies differ, or more than one process runs.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, *args: Any, **kwargs: Any) -> None:
+        if world_size() > 1:
+            raise ValueError("distillation runs on one process; launch it without torchrun")
+        super().__init__(model, *args, **kwargs)
+        self.spec = distill_spec(self.config)
+        if self.spec.mode == "off_policy" and self.spec.loss == "ce":
+            raise ValueError("off-policy 'ce' distillation is SFT on teacher-written data: use Trainer")
+        student_vocab, teacher_vocab = _head_weight(self.model).shape[0], _head_weight(teacher).shape[0]
+        if student_vocab != teacher_vocab:
+            raise ValueError(f"teacher vocabulary {teacher_vocab} differs from the student's {student_vocab}")
+        self.teacher = teacher.requires_grad_(False).eval()
+
+    def accumulate(self, micro: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of the step's micro-batches with the distillation loss; returns ``(loss, 0)``."""
+        cfg, spec = self.config, self.spec
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if spec.mode == "on_policy":
+            kw: dict[str, Any] = {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature}
+            sampled = [sample_completions(self.model, b, **kw) for b in micro]
+            targets = [torch.where(mask, 0, IGNORE_INDEX) for _, mask in sampled]
+            z = global_loss_normalizer([loss_normalizer(t, None, cfg.loss_reduction) for t in targets])
+            for batch, (sequences, mask) in zip(micro, sampled, strict=True):
+                loss = sampled_distill_loss(
+                    self.model,
+                    self.teacher,
+                    batch,
+                    sequences,
+                    mask,
+                    loss=spec.loss,  # type: ignore[arg-type]
+                    beta=spec.beta,
+                    temperature=spec.temperature,
+                    reduction=cfg.loss_reduction,
+                    normalizer=z,
+                    chunk_size=cfg.loss_chunk_size,
+                ).loss
+                loss.backward()
+                total += loss.detach().double()
+            return total, torch.zeros_like(total)
+        segments = [b["segment_ids"][:, 1:] if b.get("segment_ids") is not None else None for b in micro]
+        z = global_loss_normalizer(
+            [loss_normalizer(b["labels"][:, 1:], s, cfg.loss_reduction) for b, s in zip(micro, segments, strict=True)]
+        )
+        for batch in micro:
+            keep = batch["labels"][:, 1:] != IGNORE_INDEX
+            with torch.no_grad():
+                hidden = self.teacher.model(**_model_inputs(batch)).last_hidden_state[:, :-1][keep]  # type: ignore[operator]
+                teacher_logits = (hidden @ _head_weight(self.teacher).T).float()
+            loss = off_policy_distill_loss(
+                self.model,
+                batch,
+                teacher_logits,
+                loss=spec.loss,  # type: ignore[arg-type]
+                beta=spec.beta,
+                temperature=spec.temperature,
+                reduction=cfg.loss_reduction,
+                normalizer=z,
+                chunk_size=cfg.loss_chunk_size,
+            ).loss
+            loss.backward()
+            total += loss.detach().double()
+        return total, torch.zeros_like(total)
+
+
+def run_distill(recipe: Mapping[str, Any], config: Any, model: nn.Module, processor: Any) -> TrainResult:
+    """Run the distillation a recipe describes (``preset`` Distill, a ``[teacher]`` section); see the module doc.
+
+    Args:
+        recipe: The checked recipe (``[teacher]``, ``[data]``).
+        config: Its ``TrainConfig`` (``stage="Distill"``; the spec in ``extra["distill"]``).
+        model: The student.
+        processor: The student's (and teacher's) processor.
+
+    Raises:
+        ValueError: A bad ``[teacher]`` section (see :func:`teacher_spec`) or a teacher that does not fit.
+        FileNotFoundError: No model in the teacher folder.
+    """
+    from vl_model import VLForConditionalGeneration
+
+    from .cli import build_data, build_mixture, weights_folder
+    from .teacher import generate_teacher_data
+
+    section = dict(recipe.get("teacher") or {})
+    spec = teacher_spec(section, distill_spec(config))
+    config = config.replace(extra={**config.extra, "distill": spec.to_dict()})
+    teacher = VLForConditionalGeneration.from_pretrained(str(weights_folder(str(section["model"]))))
+    data = dict(recipe.get("data", {}))
+    if spec.mode == "on_policy":
+        prompts = PromptBatches(build_mixture(data, config), processor, config.micro_batch_size)
+        return DistillTrainer(model, teacher, config, prompts).train()
+    if spec.loss != "ce":
+        return DistillTrainer(model, teacher, config, build_data(data, processor, config)).train()
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    mixture = build_mixture(data, config)
+    samples = [next(mixture) for _ in range(int(section.get("samples", 64)))]
+    penalties: dict[str, Any] = {k: float(section[k]) for k in ("base_penalty", "short_penalty") if k in section}
+    jsonl = output / "teacher_data" / "teacher_data.jsonl"
+    generate_teacher_data(teacher, processor, samples, max_new_tokens=spec.max_new_tokens, output=jsonl, **penalties)
+    sft_data = {"kind": "jsonl", "path": str(jsonl), "seed": data.get("seed", config.seed)}
+    return Trainer(model, config, build_data(sft_data, processor, config)).train()
