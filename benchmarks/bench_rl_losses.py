@@ -5,8 +5,9 @@ Case from issue 7: [256, 8192] tokens (quick: [64, 2048]), float32 log-probs, pe
 advantages, ~25% right padding. Two baselines: the naive formula given the same boolean mask,
 and given a float mask converted outside the timing (the stricter one). The naive side is the
 textbook formula (mask by multiplication, autograd through exp/clamp/min) and computes only the
-loss; ours also validates the inputs (one host sync) and returns the metrics (clip fractions,
-mean ratio). Values and gradients are
+loss, and only the terms its method needs (GSPO never forms the per-token ratio); ours also
+validates the inputs (one host sync), tolerates NaN at masked positions and returns the metrics
+(clip fractions, mean ratio). Values and gradients are
 checked equal before timing. One extra row times bf16 log-probs for GRPO.
 """
 
@@ -30,6 +31,12 @@ def naive_loss(method: str, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tens
     n = mask.sum(-1).clamp(min=1)
     seq_mean = lambda x: ((x * mask).sum(-1) / n).mean()
     token_mean = lambda x: (x * mask).sum() / mask.sum()
+    if method in ("gspo", "gspo_token"):
+        s = torch.exp(((lp - old) * mask).sum(-1) / n)
+        if method == "gspo":
+            return -torch.min(s * adv, s.clamp(1 - 3e-4, 1 + 4e-4) * adv).mean()
+        st = s.detach()[:, None] * torch.exp(lp - lp.detach())
+        return seq_mean(-torch.min(st * a, st.clamp(1 - 3e-4, 1 + 4e-4) * a))
     ratio = torch.exp(lp - old)
     if method in ("grpo", "dr_grpo", "dapo"):
         lo, hi = (0.2, 0.28) if method == "dapo" else (0.2, 0.2)
@@ -39,12 +46,6 @@ def naive_loss(method: str, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tens
         if method == "dapo":
             return token_mean(per_tok)
         return (per_tok * mask).sum() / (lp.shape[0] * lp.shape[1])
-    if method in ("gspo", "gspo_token"):
-        s = torch.exp(((lp - old) * mask).sum(-1) / n)
-        if method == "gspo":
-            return -torch.min(s * adv, s.clamp(1 - 3e-4, 1 + 4e-4) * adv).mean()
-        st = s.detach()[:, None] * torch.exp(lp - lp.detach())
-        return seq_mean(-torch.min(st * a, st.clamp(1 - 3e-4, 1 + 4e-4) * a))
     if method == "sapo":
         tau = torch.where(a > 0, 1.0, 1.05)
         return seq_mean(-(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * a)

@@ -165,3 +165,41 @@ def ref_clip_fractions(
             low += int(r < 1 - lo and a < 0)
             high += int(r > 1 + hi and a > 0)
     return low / max(n, 1), high / max(n, 1)
+
+
+def ref_gspo_vectorised(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> torch.Tensor:
+    """GSPO (mean over non-empty sequences) in float64 with autograd, for inputs too long for the loops above.
+
+    ``logprobs`` must be a float64 leaf; masked positions may hold anything.
+    """
+    lr = torch.where(mask, logprobs - old_logprobs.double(), torch.zeros((), dtype=torch.float64))
+    n = mask.sum(dim=1)
+    keep = n > 0
+    s = torch.exp(lr.sum(dim=1)[keep] / n[keep])
+    a = advantages.double()[keep]
+    obj = torch.minimum(s * a, torch.clamp(s, 1.0 - clip_low, 1.0 + clip_high) * a)
+    return -obj.mean()
+
+
+def ref_cispo_vectorised(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float | None = None,
+    clip_high: float | None = 0.28,
+) -> torch.Tensor:
+    """CISPO (TOKEN-MEAN) in float64 with autograd, for inputs too long for the loops above."""
+    zero = torch.zeros((), dtype=torch.float64)
+    lr = torch.where(mask, logprobs - old_logprobs.double(), zero)
+    w = _clip(torch.exp(lr), clip_low, clip_high).detach()
+    a = advantages.double() if advantages.dim() == 2 else advantages.double()[:, None].expand_as(lr)
+    per_tok = torch.where(mask, -w * torch.where(mask, a, zero) * torch.where(mask, logprobs, zero), zero)
+    return per_tok.sum() / mask.sum().clamp(min=1)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
-from _reference_losses import ref_clip_fractions, ref_policy_loss
+from _reference_losses import ref_cispo_vectorised, ref_clip_fractions, ref_gspo_vectorised, ref_policy_loss
 
 from vl_rl.losses import aggregate, kl_estimate, policy_loss
 
@@ -298,3 +299,68 @@ def test_cispo_gradient_is_the_truncated_weight() -> None:
         lp, old, torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool), method="cispo"
     )
     torch.testing.assert_close(grad, torch.tensor([[-1.28 / 2, -0.5 / 2]], dtype=torch.float64))
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Runs a test with 1 and with 2 intra-op threads (the block ops are parallel regions with 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gspo", "gspo_token"])
+def test_gspo_long_rows_in_several_blocks(method: str, dtype: torch.dtype, threads: int) -> None:
+    """T large enough that the per-sequence sums run in several cache-sized row blocks, the last one partial."""
+    b, t = 7, 1 << 15
+    gen = torch.Generator().manual_seed(17)
+    lp = -3.0 * torch.rand(b, t, generator=gen, dtype=torch.float64)
+    shift = 2e-3 * torch.randn(b, 1, generator=gen, dtype=torch.float64)  # some rows beyond the 1e-3 clip
+    old = lp + shift + 1e-3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[2] = False  # an empty row
+    adv = torch.randn(b, generator=gen, dtype=torch.float64)
+    lp[~mask], old[~mask] = float("nan"), float("-inf")
+    lp_d, old_d = lp.to(dtype), old.to(dtype)
+    loss, grad, metrics = _ours(lp_d, old_d, adv.float(), mask, method=method, clip_low=1e-3, clip_high=1e-3)
+    leaf = lp_d.double().requires_grad_(True)
+    want = ref_gspo_vectorised(leaf, old_d.double(), adv.float().double(), mask, 1e-3, 1e-3)
+    want.backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-7)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad.double(), leaf.grad, rtol=tol, atol=tol * leaf.grad.abs().max().item())
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    assert 0 < metrics["clip_frac_low"] + metrics["clip_frac_high"] < 1  # some rows clipped, not all
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("clip_low", [None, 0.1])
+def test_cispo_long_rows_in_several_blocks(per_token: bool, clip_low: float | None, threads: int) -> None:
+    """CISPO's per-token pass runs in cache-sized row blocks; T large enough for several, the last partial."""
+    b, t = 7, 1 << 15
+    gen = torch.Generator().manual_seed(19)
+    lp = -3.0 * torch.rand(b, t, generator=gen, dtype=torch.float64)
+    old = lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    mask[4] = False  # an empty row, with a NaN advantage that must not matter
+    adv = torch.randn((b, t) if per_token else (b,), generator=gen, dtype=torch.float64)
+    adv[4] = float("nan")
+    lp[~mask], old[~mask] = float("nan"), float("inf")
+    if per_token:
+        adv[~mask] = float("inf")
+    loss, grad, metrics = _ours(lp.float(), old.float(), adv.float(), mask, method="cispo", clip_low=clip_low)
+    leaf = lp.float().double().requires_grad_(True)
+    want = ref_cispo_vectorised(leaf, old.float().double(), adv.float().double(), mask, clip_low, 0.28)
+    want.backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), leaf.grad, rtol=1e-5, atol=1e-5 * leaf.grad.abs().max().item())
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    r = torch.exp(lp.float().double() - old.float().double())[mask]
+    assert metrics["clip_frac_high"].item() == pytest.approx((r > 1.28).double().mean().item(), rel=1e-5)
+    low = 0.0 if clip_low is None else (r < 1 - clip_low).double().mean().item()
+    assert metrics["clip_frac_low"].item() == pytest.approx(low, rel=1e-5, abs=1e-9)
+    assert metrics["ratio_mean"].item() == pytest.approx(r.mean().item(), rel=1e-5)

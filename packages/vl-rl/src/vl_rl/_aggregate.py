@@ -1,4 +1,4 @@
-"""Loss aggregation over tokens and the surrogate that carries an analytic gradient.
+"""Loss aggregation over tokens.
 
 Aggregations (REFERENCE.md section 5; the names follow the RL papers' usage):
 
@@ -18,11 +18,11 @@ Notation: B sequences, T positions, m [B, T] the boolean loss mask, n_b = sum_t 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-__all__ = ["Aggregation", "SurrogateLoss", "aggregate", "row_weights"]
+__all__ = ["Aggregation", "aggregate", "row_weights"]
 
 Aggregation = Literal["seq_mean", "token_mean", "const"]
 AGGREGATIONS: tuple[str, ...] = ("seq_mean", "token_mean", "const")
@@ -84,26 +84,3 @@ def aggregate(
     mask_f = m.to(dtype)
     w = row_weights(mask_f.sum(dim=1), aggregation, seq_len=m.shape[1], max_tokens=max_tokens)
     return (torch.where(m, values.to(dtype), 0.0) * mask_f * w).sum()
-
-
-class SurrogateLoss(torch.autograd.Function):
-    """Returns a precomputed loss value; its gradient w.r.t. ``logprobs`` is ``grad * coef``.
-
-    The policy losses here are elementwise in the log-probabilities once the sequence-level
-    quantities (GSPO's s_i, the aggregation weights) are fixed, so their exact gradient is a
-    single ``[B, T]`` coefficient computed in the forward pass. Keeping only that tensor instead
-    of autograd's graph of exp/clamp/min saves memory and one pass per operation in backward.
-    Other inputs (old log-probs, advantages, reference log-probs) are constants, as in every
-    policy-gradient method.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logprobs: torch.Tensor, value: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(coef)
-        ctx.lp_dtype = logprobs.dtype
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (coef,) = ctx.saved_tensors
-        return (coef * grad).to(ctx.lp_dtype), None, None

@@ -29,9 +29,11 @@ Choices made here:
     * SAPO has no hard clip, so its clip fractions are 0 and clip arguments are rejected.
 
 Numerics: log-ratios are computed in float32 (float64 inputs stay float64) from any input dtype
-(bf16 allowed); masked positions are removed with ``where`` before any ``exp``, so their values,
+(bf16 allowed), with no wider ``[B, T]`` intermediate; masked positions are removed bit for bit
+(``where(m, x, 0)``, done as a 0/1 integer multiply of the bits, see ``_fused``), so their values,
 even NaN, never reach the loss or the gradient. Gradients are exact closed forms applied by one
-``[B, T]`` coefficient (``SurrogateLoss``); only ``logprobs`` receives a gradient.
+``[B, T]`` coefficient (``_fused.SurrogateLoss``); only ``logprobs`` receives a gradient, and the
+loss can be backpropagated once (the coefficient is scaled in place).
 
 Notation: B sequences, T positions, m [B, T] loss mask, n_i tokens of sequence i,
 r = exp(log pi_theta - log pi_old) per token, s_i = exp(mean_t log r_{i,t}) (GSPO),
@@ -40,11 +42,13 @@ A advantages, sg stop-gradient.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
-from vl_rl._aggregate import AGGREGATIONS, Aggregation, SurrogateLoss, aggregate, row_weights
+from vl_rl import _fused
+from vl_rl._aggregate import AGGREGATIONS, Aggregation, aggregate, row_weights
 from vl_rl._kl import KL_ESTIMATORS, KLEstimator, kl_estimate, kl_from_log_ratio
 
 __all__ = [
@@ -133,9 +137,9 @@ def _raise_non_finite(
     )
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum(x * y) in one pass (BLAS dot) for same-shape tensors."""
-    return torch.dot(x.reshape(-1), y.reshape(-1))
+def _bounds(lo: float | None, hi: float | None) -> tuple[float, float]:
+    """Ratio bounds with None (no bound on that side) as -inf / inf."""
+    return (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
 
 
 def _clip_objective(
@@ -149,7 +153,7 @@ def _clip_objective(
     xa = x * adv
     xca = x.clamp(lo, hi).mul_(adv)
     active = xa <= xca
-    value = _dot(torch.minimum(xa, xca, out=xca), w_neg)
+    value = (torch.minimum(xa, xca, out=xca) * w_neg).sum()
     coef = torch.where(active, xa.mul_(w_neg), xa.new_zeros(()), out=xa)
     return value, coef, active
 
@@ -204,6 +208,7 @@ def policy_loss(
         ``clip_frac_low``, ``clip_frac_high`` (share of unmasked tokens, or of non-empty sequences
         for ``gspo``, whose objective was cut by the floor / the cap), ``ratio_mean`` (token mean of
         r; of s_i for the GSPO methods), plus ``kl`` and ``entropy`` (token means) when given.
+        The loss supports one backward pass (a second one raises ``RuntimeError``).
 
     Raises:
         ValueError: for mismatched shapes (naming them), an unknown method/aggregation/estimator,
@@ -233,46 +238,65 @@ def policy_loss(
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     m = mask if mask.dtype == torch.bool else mask != 0
     with torch.no_grad():
-        lp = logprobs.detach().to(dtype)
-        zero = lp.new_zeros(())
-        mask_f = m.to(dtype)
-        n_tok = mask_f.sum(dim=1)
+        lp = logprobs.detach()
+        ref = None if ref_logprobs is None else ref_logprobs.detach()
+        # GSPO with per-sequence advantages needs only row sums of the log-ratio, CISPO one pass per
+        # token: both run in cache-sized row blocks and count the tokens themselves.
+        gspo_rows = method in ("gspo", "gspo_token") and not per_token_adv
+        if gspo_rows:
+            row_sum, n_int = _fused.masked_row_sums(lp, old_logprobs.detach(), m, dtype)
+        elif method == "cispo":
+            adv_in = advantages.detach().to(dtype)
+            cis_rows, coef, n_int, ratio_sum, n_low, n_high = _fused.cispo(
+                lp, old_logprobs.detach(), adv_in, m, dtype, lo, hi
+            )
+        blocked = gspo_rows or method == "cispo"
+        # select_(x, mi) = where(m, x, 0), bit for bit; the bool mask suffices where nothing is selected
+        light = blocked and not per_token_adv and ref is None and entropy is None
+        mi = m if light else _fused.int_mask(m, dtype)
+        n_tok = n_int.to(dtype) if blocked else mi.sum(dim=1, dtype=mi.dtype).to(dtype)
         n_all = n_tok.sum().clamp(min=1.0).to(torch.float32)
-        # where before exp: NaN/garbage at masked positions must not propagate.
-        log_ratio = lp - old_logprobs.detach().to(dtype)
-        # CISPO without a floor: -inf makes r = 0 at masked positions, so sg[min(r, 1 + e)] A is
-        # already 0 there and no mask multiply is needed; every other method wants r = 1 there.
-        no_floor_cispo = method == "cispo" and lo is None
-        fill = lp.new_full((), float("-inf")) if no_floor_cispo else zero
-        log_ratio = torch.where(m, log_ratio, fill, out=log_ratio)
+        nonempty = n_tok[:, None] > 0
         if per_token_adv:
             adv_mask = m
-            adv = torch.where(m, advantages.detach().to(dtype), zero)
+            adv = _fused.selected(advantages.detach().to(dtype), mi)
         else:
-            adv_mask = (n_tok > 0)[:, None]
-            adv = torch.where(adv_mask, advantages.detach().to(dtype)[:, None], zero)
-        ref = None if ref_logprobs is None else ref_logprobs.detach().to(dtype)
-        kl_x = None if ref is None else torch.where(m, ref - lp, zero)
-        row_w = row_weights(n_tok, agg, seq_len=m.shape[1], max_tokens=max_tokens)
+            adv_mask = nonempty
+            adv = torch.where(nonempty, advantages.detach().to(dtype)[:, None], 0.0)
+        w = row_weights(n_tok, agg, seq_len=m.shape[1], max_tokens=max_tokens)
+        if not blocked:
+            d = _fused.log_ratio(lp, old_logprobs.detach(), dtype)
+            if method != "cispo":  # where before exp: NaN/garbage at masked positions must not propagate
+                _fused.select_(d, mi)
         # Sums that are finite iff every input term that matters is; checked with one host sync below.
-        checks = [adv.sum()] + ([] if kl_x is None else [kl_x.sum()])
+        checks = [adv.sum()]
         metrics: dict[str, torch.Tensor] = {}
+        kl = dkl = None
+        if ref is not None:
+            kl_x = _fused.select_(_fused.log_ratio(ref, lp, dtype), mi)  # log pi_ref - log pi, 0 where masked
+            checks.append(kl_x.sum())
+            kl, dkl = kl_from_log_ratio(kl_x, m, kl_estimator)  # both 0 at masked positions
+            metrics["kl"] = kl.sum().to(torch.float32) / n_all
+        if entropy is not None:
+            ent = _fused.selected(entropy.detach().to(dtype), mi)
+            metrics["entropy"] = ent.sum().to(torch.float32) / n_all
+        row_coef = False  # coef is [B, 1] per sequence (GSPO), spread over the mask in backward
+        scale = None  # [B, 1] weights the backward applies to coef (CISPO)
+        zero = n_tok.new_zeros(())
         if method in ("gspo", "gspo_token"):
-            row_sum = log_ratio.sum(dim=1)
+            row_sum = row_sum[:, None] if gspo_rows else d.sum(dim=1, keepdim=True)
             checks.append(row_sum.sum())
-            seq = torch.exp(row_sum / n_tok.clamp(min=1.0))[:, None]  # s_i [B, 1]
-            nonempty = n_tok[:, None] > 0
+            seq = torch.exp(row_sum / n_tok.clamp(min=1.0)[:, None])  # s_i [B, 1]
             n_seq = nonempty.count_nonzero().clamp(min=1).to(torch.float32)
-            metrics["ratio_mean"] = torch.where(nonempty, seq, zero).sum().to(torch.float32) / n_seq
+            metrics["ratio_mean"] = torch.where(nonempty, seq, 0.0).sum().to(torch.float32) / n_seq
             if per_token_adv:  # gspo_token only: s_{i,t} has value s_i and d s_{i,t} / d log pi_t = s_i
-                value, coef, active = _clip_objective(seq.expand_as(lp), adv, lo, hi, mask_f * -row_w)
-                metrics["clip_frac_low"] = _count(~active & (seq < 1) & m) / n_all
-                metrics["clip_frac_high"] = _count(~active & (seq > 1) & m) / n_all
+                value, coef, n_low, n_high = _fused.gspo_token_per_token(seq, adv, w, *_bounds(lo, hi))
+                metrics["clip_frac_low"], metrics["clip_frac_high"] = n_low / n_all, n_high / n_all
             else:
                 # every token of row i carries the loss of s_i, so the row weight is sum_t W = n_i w_i;
                 # d log s_i / d log pi_t = 1 / n_i (gspo), and s_{i,t} gives the same coefficient.
-                value, coef_row, active = _clip_objective(seq, adv, lo, hi, -row_w * n_tok[:, None])
-                coef = mask_f * (coef_row / n_tok.clamp(min=1.0)[:, None])
+                value, coef_row, active = _clip_objective(seq, adv, lo, hi, -w * n_tok[:, None])
+                coef, row_coef = coef_row / n_tok.clamp(min=1.0)[:, None], True
                 low, high = ~active & (seq < 1) & nonempty, ~active & (seq > 1) & nonempty
                 if method == "gspo":
                     metrics["clip_frac_low"], metrics["clip_frac_high"] = _count(low) / n_seq, _count(high) / n_seq
@@ -280,43 +304,34 @@ def policy_loss(
                     n32 = n_tok.to(torch.float32)
                     metrics["clip_frac_low"] = (low[:, 0] * n32).sum() / n_all
                     metrics["clip_frac_high"] = (high[:, 0] * n32).sum() / n_all
-        else:
-            ratio = log_ratio.exp_()  # exactly 1 (0 for no_floor_cispo) at masked positions
-            ratio_sum = ratio.sum() if no_floor_cispo else _dot(ratio, mask_f)
+        elif method == "cispo":
+            value, scale = (w[:, 0] * cis_rows).sum(), w
             checks.append(ratio_sum)  # NaN or +inf anywhere unmasked reaches this sum
             metrics["ratio_mean"] = ratio_sum.to(torch.float32) / n_all
-            # -A W with W = mask * w: zero at masked positions (per-token advantages already are)
-            aw = adv * -row_w if per_token_adv or no_floor_cispo else mask_f * (adv * -row_w)
+            metrics["clip_frac_low"], metrics["clip_frac_high"] = n_low / n_all, n_high / n_all
+        else:
+            d.exp_().sub_(1.0)  # r - 1: 0 at masked positions, so its sums are over tokens, without cancellation
+            ratio_sum = d.sum() + n_tok.sum()
+            checks.append(ratio_sum)
+            metrics["ratio_mean"] = ratio_sum.to(torch.float32) / n_all
             if method == "sapo":
-                tau = torch.where(adv > 0, adv.new_tensor(tau_pos), adv.new_tensor(tau_neg))
-                gate = torch.addcmul(-tau, ratio, tau).sigmoid_()  # sigma(tau (r - 1))
-                value = _dot(gate, aw.mul(4.0 / tau))
-                # d f / d r = 4 sigma (1 - sigma) = sech^2(tau (r - 1) / 2); d r / d log pi = r.
-                coef = torch.addcmul(gate, gate, gate, value=-1.0).mul_(ratio).mul_(aw.mul_(4.0))
+                value, coef = _fused.sapo(d, adv, w, mi, n_tok, tau_pos, tau_neg)
                 metrics["clip_frac_low"], metrics["clip_frac_high"] = _count(zero), _count(zero)
-            elif method == "cispo":
-                metrics["clip_frac_low"] = _count(zero) if lo is None else _count(ratio < lo) / n_all  # r = 1 at masked
-                metrics["clip_frac_high"] = _count(zero) if hi is None else _count(ratio > hi) / n_all
-                coef = ratio.clamp_(lo, hi).mul_(aw)  # sg[clip(r)] A log pi: d / d log pi = sg[clip(r)] A
-                value = _dot(coef, torch.where(m, lp, zero))
             else:
-                value, coef, active = _clip_objective(ratio, adv, lo, hi, mask_f * -row_w)
-                # active is True at masked positions (r = 1); a clipped token's side is the sign of A.
-                metrics["clip_frac_low"] = _count(~active & (adv < 0)) / n_all
-                metrics["clip_frac_high"] = _count(~active & (adv > 0)) / n_all
+                value, coef, n_low, n_high = _fused.clip_family(d, adv, w, mi, n_tok, *_bounds(lo, hi))
+                metrics["clip_frac_low"], metrics["clip_frac_high"] = n_low / n_all, n_high / n_all
+        if kl is not None and dkl is not None and kl_coef != 0.0:
+            value = value + kl_coef * (kl.sum(dim=1) * w[:, 0]).sum()
+            if row_coef:
+                coef, row_coef = _fused.selected(coef.expand_as(kl), mi), False
+            if scale is not None:
+                coef, scale = coef.mul_(scale), None
+            coef = coef.add_(dkl.mul_(w), alpha=kl_coef)
         checks.append(value)
-        if kl_x is not None:
-            kl, dkl = kl_from_log_ratio(kl_x, m, kl_estimator)
-            metrics["kl"] = _dot(kl, mask_f).to(torch.float32) / n_all
-            if kl_coef != 0.0:
-                w = mask_f * row_w
-                value = value + kl_coef * _dot(kl, w)
-                coef = coef.add_(dkl.mul_(w), alpha=kl_coef)
-        if entropy is not None:
-            metrics["entropy"] = torch.where(m, entropy.detach().to(dtype), 0.0).sum().to(torch.float32) / n_all
         if check_finite and not bool(torch.isfinite(torch.stack([c.to(dtype) for c in checks])).all()):
-            _raise_non_finite(lp, old_logprobs.detach().to(dtype), adv, ref, m, adv_mask)
+            ref_c = None if ref is None else ref.to(dtype)
+            _raise_non_finite(lp.to(dtype), old_logprobs.detach().to(dtype), adv, ref_c, m, adv_mask)
         metrics = {k: v.detach().to(torch.float32) for k, v in metrics.items()}
 
-    loss = SurrogateLoss.apply(logprobs, value, coef)
+    loss = _fused.SurrogateLoss.apply(logprobs, value, coef, mi if row_coef else None, scale)
     return loss, metrics
