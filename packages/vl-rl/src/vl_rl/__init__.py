@@ -10,28 +10,47 @@
 - ``vl_rl.curriculum`` / ``vl_rl.sampling``: pass-rate filtering, RLCS difficulty tiers, DAPO dynamic
   sampling with GLM's EMA expansion ratio, mixed-task batches with fixed ratios.
 
-The core needs only torch. Rollouts and the RL trainer are not written yet.
+- ``HFRolloutEngine`` / ``Rollout``: batched multimodal rollouts with Hugging Face ``generate`` (KV cache,
+  force-answer on truncation); ``vl_rl.tools.ToolRolloutEngine`` for "thinking with images" (crop/zoom
+  tool outputs fed back as images, masked out of the loss); ``vl_rl.vllm_engine`` for vLLM.
+- ``RLTrainer`` / ``RLConfig``: rollout, rewards, advantages, several mini-batch updates against the
+  rollout's log-probs; checkpoints, resume, JSONL/TensorBoard metrics, a reward-curve PNG.
+  ``evaluate`` scores a model on held-out samples. CLI ``vl-rl RECIPE`` (recipes ``demo_sapo``, ``demo_gspo``).
+
+The core needs only torch; rollouts and the trainer run models built by ``vl-rl[train]`` (vl-model, vl-train).
 """
 
 from . import rewards
 from .advantages import group_advantages
+from .config import RLConfig
 from .curriculum import FilterResult, RLCSCurriculum, filter_dataset, pass_rate_filter, pass_rates_from_rewards
+from .evaluate import EvalResult, evaluate
 from .losses import METHOD_DEFAULTS, PolicyMethod, aggregate, kl_estimate, policy_loss
+from .rollout import HFRolloutEngine, Rollout, RolloutEngine, rollout_logprobs
 from .sampling import DynamicSampler, ExpansionRatio, FillResult, MixedTaskBatcher, filter_groups, select_balanced
+from .trainer import RLResult, RLTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHOD_DEFAULTS",
     "DynamicSampler",
+    "EvalResult",
     "ExpansionRatio",
     "FillResult",
     "FilterResult",
+    "HFRolloutEngine",
     "MixedTaskBatcher",
     "PolicyMethod",
     "RLCSCurriculum",
+    "RLConfig",
+    "RLResult",
+    "RLTrainer",
+    "Rollout",
+    "RolloutEngine",
     "__version__",
     "aggregate",
+    "evaluate",
     "filter_dataset",
     "filter_groups",
     "group_advantages",
@@ -40,5 +59,6 @@ __all__ = [
     "pass_rates_from_rewards",
     "policy_loss",
     "rewards",
+    "rollout_logprobs",
     "select_balanced",
 ]

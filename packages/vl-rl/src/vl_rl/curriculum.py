@@ -129,7 +129,9 @@ def filter_dataset(
     Args:
         queries: the dataset.
         score_fn: returns the k rewards of a query's rollouts (k may differ between queries, k >= 1).
-        high, drop_all_wrong, correct_threshold: as in :func:`pass_rate_filter`.
+        high: As in :func:`pass_rate_filter`.
+        drop_all_wrong: As in :func:`pass_rate_filter`.
+        correct_threshold: As in :func:`pass_rate_filter`.
 
     Returns:
         The kept indices, every pass rate and counts.
