@@ -1,0 +1,161 @@
+"""Unit tests of the demo's helpers: batched evaluation, the accuracy table, plots, the report, RL records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, render_prompt
+from demo_pipeline import DemoSettings, StageSpec, build_demo_model, default_stages, run_stage
+from demo_report import QA, accuracy_table, plot_rewards, plot_stage_losses, write_report
+from demo_rl import record_rewards
+
+from vl_train.data.synthetic import TASK_NAMES, SyntheticDataset, verify
+from vl_train.teacher import prompt_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Any, Any]:
+    settings = DemoSettings(
+        text={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
+        vision={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "patch_size": 8},
+    )
+    torch.manual_seed(0)
+    return build_demo_model(settings)
+
+
+def _samples(n: int = 5) -> list[dict[str, Any]]:
+    tasks = ["count", "colour", "text_math", "video_move"]
+    return list(
+        SyntheticDataset("heldout", size=n, seed=1, tasks=tasks, image_size_range=(48, 64), video_frames=(2, 3))
+    )
+
+
+def test_chance_levels_cover_every_task_and_reject_unknown_ones() -> None:
+    assert set(CHANCE) == set(TASK_NAMES)
+    assert chance_level("colour") == pytest.approx(1 / 6)
+    assert chance_level("count") <= 0.2
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        chance_level("nope")
+
+
+def test_render_prompt_drops_the_answer_and_switches_thinking(tiny: tuple[Any, Any]) -> None:
+    _, processor = tiny
+    sample = _samples(1)[0]
+    off, images, videos = render_prompt(processor, sample, thinking=False)
+    on, _, _ = render_prompt(processor, sample, thinking=True)
+    answer = sample["messages"][-1]["content"][0]["text"]
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.endswith("<|im_start|>assistant\n")
+    assert not off.endswith(answer) and len(images) == 1 and videos == []
+    with pytest.raises(ValueError, match="has no messages"):
+        render_prompt(processor, {"id": "x", "messages": []}, thinking=False)
+
+
+def test_batched_answers_equal_one_at_a_time_generation(tiny: tuple[Any, Any]) -> None:
+    """Independent reference: ``vl_train.teacher.prompt_inputs`` + ``generate`` per sample, no padding."""
+    model, processor = tiny
+    samples = _samples(4)
+    batched = generate_answers(model, processor, samples, max_new_tokens=5, thinking=True)
+    tok = processor.tokenizer
+    stop = {tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    for sample, answer in zip(samples, batched):
+        inputs = prompt_inputs(processor, sample)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        )
+        ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        ids = ids[: next((k for k, t in enumerate(ids) if t in stop), len(ids))]
+        assert answer == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_evaluate_scores_with_the_verifier_per_task(tiny: tuple[Any, Any]) -> None:
+    model, processor = tiny
+    samples = _samples(8)
+    result = evaluate_samples(model, processor, samples, batch_size=3, max_new_tokens=4, progress=False)
+    assert result.scores == [verify(s, r) for s, r in zip(samples, result.responses)]
+    assert result.count == {"colour": 2, "count": 2, "text_math": 2, "video_move": 2}
+    for task in result.count:
+        expected = [sc for s, sc in zip(samples, result.scores) if s["task"] == task]
+        assert result.per_task[task] == pytest.approx(sum(expected) / len(expected))
+    # a reward that knows the answers scores everything 1
+    perfect = evaluate_samples(
+        model, processor, samples, batch_size=8, max_new_tokens=1, progress=False, reward_fn=lambda s, r: 1.0
+    )
+    assert perfect.mean == 1.0 and set(perfect.per_task.values()) == {1.0}
+
+
+def test_evaluate_rejects_bad_arguments(tiny: tuple[Any, Any]) -> None:
+    model, processor = tiny
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate_samples(model, processor, _samples(1), batch_size=0)
+    with pytest.raises(ValueError, match="at least one sample"):
+        evaluate_samples(model, processor, [])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate_answers(model, processor, _samples(1), max_new_tokens=0, thinking=False)
+
+
+def test_default_stages_scale_and_unknown_mixture_task(tmp_path: Path, tiny: tuple[Any, Any]) -> None:
+    full, small = default_stages(), default_stages(scale=0.0)
+    assert [s.name for s in full] == ["S0", "S1", "SFT"]
+    assert all(s.steps == 2 for s in small) and all(f.steps > 2 for f in full)
+    model, processor = tiny
+    settings = DemoSettings(mixture={"count": 1.0, "juggling": 1.0})
+    with pytest.raises(ValueError, match="unknown tasks \\['juggling'\\]"):
+        run_stage(model, processor, settings, StageSpec("S0", 2, 1e-3), tmp_path / "s0", progress=False)
+
+
+def test_accuracy_table_rows_columns_mean_and_chance() -> None:
+    rows = [("before", {"count": 0.1, "colour": 0.2}), ("after S1", {"count": 0.85, "colour": 1.0})]
+    table = accuracy_table(rows, {"count": 1 / 9, "colour": 1 / 6}, tasks=["count", "colour"])
+    assert table.splitlines() == [
+        "| stage | count | colour | mean |",
+        "|---|---:|---:|---:|",
+        "| before | 10.0 | 20.0 | 15.0 |",
+        "| after S1 | 85.0 | 100.0 | 92.5 |",
+        "| chance | 11.1 | 16.7 | 13.9 |",
+    ]
+    assert "| x | - | 50.0 | 50.0 |" in accuracy_table([("x", {"colour": 0.5})], {}, tasks=["count", "colour"])
+    with pytest.raises(ValueError, match="at least one row"):
+        accuracy_table([], {})
+
+
+def test_plots_write_pngs_and_reject_empty_input(tmp_path: Path) -> None:
+    losses = plot_stage_losses({"S0": [3.0, 2.0], "S1": [2.0, float("nan"), 1.0]}, tmp_path / "loss.png")
+    rewards = plot_rewards([0.1, 0.3, 0.2, 0.6], tmp_path / "reward.png", evals=[(0, 0.2), (4, 0.5)])
+    for path in (losses, rewards):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one finite loss"):
+        plot_stage_losses({"S0": [float("nan")]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least one reward"):
+        plot_rewards([], tmp_path / "y.png")
+
+
+def test_report_holds_table_times_answers_and_links(tmp_path: Path) -> None:
+    qa = [QA("image", "How many stars?", "3", "3", 1.0, "examples/a.png"), QA("video", "When?", "x", "y", 0.0)]
+    path = write_report(
+        tmp_path / "report.md",
+        title="demo",
+        table="| t |",
+        times={"S0": 1.5, "S1": 2.0},
+        qa=qa,
+        figures={"Loss": "loss.png"},
+        notes=["a note"],
+    )
+    text = path.read_text()
+    assert "| t |" in text and "| S0 | 1.5 |" in text and "| total | 3.5 |" in text
+    assert "![image](examples/a.png) **Q (image):** How many stars?" in text and "(expected `3`: right)" in text
+    assert "(expected `y`: wrong)" in text and "- [Loss](loss.png)" in text and "- a note" in text
+
+
+def test_record_rewards_reads_known_keys_and_names_missing_ones() -> None:
+    assert record_rewards([{"reward_mean": 0.5}, {"reward/mean": 1}, {"loss": 2.0}]) == [0.5, 1.0]
+    assert record_rewards([]) == []
+    with pytest.raises(ValueError, match=r"no reward in the RL records.*'loss'"):
+        record_rewards([{"loss": 1.0}])
