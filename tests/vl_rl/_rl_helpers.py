@@ -6,7 +6,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 import torch
+
+# Rollouts, the trainer and the CLI need the `train` extra; the isolated core install skips these tests.
+pytest.importorskip("vl_train", reason="needs vl-rl[train] (vl-train, vl-model) for rollouts and the trainer")
+pytest.importorskip("vl_model", reason="needs vl-rl[train] (vl-train, vl-model) for rollouts and the trainer")
 
 from vl_train.cli import build_model
 from vl_train.data.synthetic import SyntheticDataset
