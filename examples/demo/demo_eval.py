@@ -21,7 +21,15 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from vl_train.data.synthetic import verify
 
-__all__ = ["CHANCE", "EvalSummary", "chance_level", "evaluate_samples", "generate_answers", "render_prompt"]
+__all__ = [
+    "CHANCE",
+    "EvalSummary",
+    "chance_level",
+    "evaluate_samples",
+    "generate_answers",
+    "majority_baseline",
+    "render_prompt",
+]
 
 CHANCE: dict[str, float] = {
     "count": 1 / 9,  # counts 0-8 are possible answers
@@ -46,6 +54,31 @@ def chance_level(task: str) -> float:
     if task not in CHANCE:
         raise ValueError(f"unknown task {task!r}; known tasks are {sorted(CHANCE)}")
     return CHANCE[task]
+
+
+def _reference_answer(sample: Mapping[str, Any]) -> str:
+    content = sample["messages"][-1]["content"]
+    return " ".join(item["text"] for item in content if item.get("type") == "text")
+
+
+def majority_baseline(
+    samples: Sequence[Mapping[str, Any]], reward_fn: Callable[[dict[str, Any], str], float] = verify
+) -> dict[str, float]:
+    """Per task, the score of always giving that task's most frequent reference answer.
+
+    Uniform chance understates what a model learns from the answer distribution alone (on counting,
+    "1" is right for about half of the held-out prompts); this is the bar accuracy must clear to show
+    that the model reads the image.
+    """
+    by_task: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for sample in samples:
+        by_task[str(sample["task"])].append(sample)
+    out: dict[str, float] = {}
+    for task, group in by_task.items():
+        answers = [_reference_answer(s) for s in group]
+        common = max(sorted(set(answers)), key=answers.count)
+        out[task] = math.fsum(float(reward_fn(dict(s), common)) for s in group) / len(group)
+    return out
 
 
 @dataclass

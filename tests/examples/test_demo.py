@@ -23,6 +23,7 @@ def test_smoke_run_writes_report_plots_model_and_answers(tmp_path: Path, capsys:
     stages = ["before training", "after S0", "after S1", "after SFT"] + (["after RL"] if rl_available() else [])
     for label in stages:
         assert f"| {label} |" in report
+    assert "| majority answer |" in report
     assert "| chance |" in report and "| stage | " + " | ".join(TASK_NAMES) + " | mean |" in report
     assert "[Training loss per stage](loss_per_stage.png)" in report
     pngs = ["loss_per_stage.png"] + (["rl_reward.png"] if rl_available() else [])

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, render_prompt
+from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, majority_baseline, render_prompt
 from demo_pipeline import DemoSettings, StageSpec, build_demo_model, default_stages, run_stage
 from demo_report import QA, accuracy_table, plot_rewards, plot_stage_losses, write_report
 from demo_rl import record_rewards
@@ -159,3 +159,25 @@ def test_record_rewards_reads_known_keys_and_names_missing_ones() -> None:
     assert record_rewards([]) == []
     with pytest.raises(ValueError, match=r"no reward in the RL records.*'loss'"):
         record_rewards([{"loss": 1.0}])
+
+
+def test_majority_baseline_scores_the_most_frequent_answer() -> None:
+    def sample(task: str, answer: str) -> dict[str, object]:
+        return {"task": task, "messages": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    samples = [sample("count", "1"), sample("count", "1"), sample("count", "3"), sample("colour", "red")]
+    exact = majority_baseline(samples, reward_fn=lambda s, r: float(_reference(s) == r))
+    assert exact == {"count": pytest.approx(2 / 3), "colour": 1.0}
+
+
+def _reference(sample: dict[str, object]) -> str:
+    messages = sample["messages"]
+    assert isinstance(messages, list)
+    return str(messages[-1]["content"][0]["text"])
+
+
+def test_majority_baseline_on_synthetic_counting_is_far_above_uniform_chance() -> None:
+    from vl_train.data.synthetic import SyntheticDataset
+
+    held = list(SyntheticDataset("heldout", size=60, seed=0, tasks=["count"], image_size_range=(48, 64)))
+    assert majority_baseline(held)["count"] > 2 * CHANCE["count"]
