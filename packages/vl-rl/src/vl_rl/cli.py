@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from importlib import resources
-from pathlib import Path
 from typing import Any
+
+from vl_train import cli as train_cli
 
 from .config import RLConfig
 
@@ -42,30 +41,11 @@ __all__ = ["build_reward", "load_recipe", "main", "packaged_recipes", "resolve_c
 _TOP = {"description", "model", "data", "rl", "reward"}
 _DATA = {"tasks", "size", "seed", "image_size_range", "thinking", "heldout_size", "heldout_seed"}
 _REWARD = {"kind", "format_weight", "repetition_weight"}
-_MODEL = {
-    "init_from",
-    "checkpoint",
-    "tokenizer",
-    "text",
-    "vision",
-    "seed",
-    "min_pixels",
-    "max_pixels",
-    "fps",
-    "max_frames",
-}
-
-
-def _unknown(where: str, given: Mapping[str, Any], known: set[str]) -> None:
-    bad = sorted(set(given) - known)
-    if bad:
-        raise ValueError(f"unknown keys {bad} in {where}; known keys are {sorted(known)}")
 
 
 def packaged_recipes() -> list[str]:
     """Names of the recipes shipped in ``vl_rl/recipes``."""
-    folder = resources.files("vl_rl").joinpath("recipes")
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return train_cli.packaged_recipes("vl_rl")
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
@@ -74,16 +54,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError: Neither a file nor a packaged recipe (the packaged ones are listed).
     """
-    path = Path(name_or_path)
-    if path.is_file():
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    name = name_or_path if name_or_path.endswith(".toml") else f"{name_or_path}.toml"
-    packaged = resources.files("vl_rl").joinpath("recipes").joinpath(name)
-    if packaged.is_file():
-        return tomllib.loads(packaged.read_text(encoding="utf-8"))
-    raise FileNotFoundError(
-        f"no recipe file {name_or_path!r} and no packaged recipe of that name; packaged: {packaged_recipes()}"
-    )
+    return train_cli.load_recipe(name_or_path, "vl_rl")
 
 
 def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLConfig:
@@ -92,11 +63,11 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLCo
     Raises:
         ValueError: An unknown key anywhere (named), or invalid values.
     """
-    _unknown("the recipe", recipe, _TOP)
-    _unknown("[model]", recipe.get("model", {}), _MODEL)
-    _unknown("[data]", recipe.get("data", {}), _DATA)
+    train_cli.check_keys("the recipe", recipe, _TOP)
+    train_cli.check_keys("[model]", recipe.get("model", {}), train_cli.MODEL_KEYS)
+    train_cli.check_keys("[data]", recipe.get("data", {}), _DATA)
     reward = recipe.get("reward", {})
-    _unknown("[reward]", reward, _REWARD)
+    train_cli.check_keys("[reward]", reward, _REWARD)
     if reward.get("kind", "synthetic") != "synthetic":
         raise ValueError(f"unknown reward kind {reward.get('kind')!r}; kinds are ['synthetic']")
     rl = dict(recipe.get("rl", {}))

@@ -45,10 +45,12 @@ if TYPE_CHECKING:
     from .data.stream import PackedStream
 
 __all__ = [
+    "MODEL_KEYS",
     "build_data",
     "build_mixture",
     "build_model",
     "build_processor",
+    "check_keys",
     "load_recipe",
     "main",
     "resolve_config",
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 _TOP = {"preset", "description", "model", "data", "train", "teacher"}
-_MODEL = {
+MODEL_KEYS = {
     "init_from",
     "checkpoint",
     "tokenizer",
@@ -93,19 +95,20 @@ _TINY_VISION: dict[str, Any] = {
 }
 
 
-def _unknown(where: str, given: Mapping[str, Any], known: set[str]) -> None:
+def check_keys(where: str, given: Mapping[str, Any], known: set[str]) -> None:
+    """Raise a ``ValueError`` naming every key of ``given`` outside ``known`` (and listing the known ones)."""
     bad = sorted(set(given) - known)
     if bad:
         raise ValueError(f"unknown keys {bad} in {where}; known keys are {sorted(known)}")
 
 
-def packaged_recipes() -> list[str]:
-    """Names of the recipes shipped in ``vl_train/recipes``."""
-    folder = resources.files("vl_train").joinpath("recipes")
+def packaged_recipes(package: str = "vl_train") -> list[str]:
+    """Names of the recipes shipped in ``<package>/recipes`` (``vl_rl`` ships its own)."""
+    folder = resources.files(package).joinpath("recipes")
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
+def load_recipe(name_or_path: str, package: str = "vl_train") -> dict[str, Any]:
     """Read a recipe file, or a packaged recipe by name (``"demo_s0"`` or ``"demo_s0.toml"``).
 
     Raises:
@@ -115,11 +118,11 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if path.is_file():
         return tomllib.loads(path.read_text(encoding="utf-8"))
     name = name_or_path if name_or_path.endswith(".toml") else f"{name_or_path}.toml"
-    packaged = resources.files("vl_train").joinpath("recipes").joinpath(name)
+    packaged = resources.files(package).joinpath("recipes").joinpath(name)
     if packaged.is_file():
         return tomllib.loads(packaged.read_text(encoding="utf-8"))
     raise FileNotFoundError(
-        f"no recipe file {name_or_path!r} and no packaged recipe of that name; packaged: {packaged_recipes()}"
+        f"no recipe file {name_or_path!r} and no packaged recipe of that name; packaged: {packaged_recipes(package)}"
     )
 
 
@@ -153,12 +156,12 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[st
 
 def check_recipe(recipe: Mapping[str, Any]) -> None:
     """Reject unknown keys anywhere in a recipe (``[train]`` is checked by ``TrainConfig``)."""
-    _unknown("the recipe", recipe, _TOP)
-    _unknown("[model]", recipe.get("model", {}), _MODEL)
+    check_keys("the recipe", recipe, _TOP)
+    check_keys("[model]", recipe.get("model", {}), MODEL_KEYS)
     data = recipe.get("data", {})
-    _unknown("[data]", data, _DATA)
+    check_keys("[data]", data, _DATA)
     for name, source in dict(data.get("sources", {})).items():
-        _unknown(f"[data.sources.{name}]", source, _SOURCE)
+        check_keys(f"[data.sources.{name}]", source, _SOURCE)
     mixed = sorted(k for k in data if k in _SOURCE and k != "seed") if "sources" in data else []
     if mixed:
         raise ValueError(f"[data] keys {mixed} describe a single source but [data.sources] is given: move them there")
