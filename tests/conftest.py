@@ -1,8 +1,9 @@
-"""Suite-wide pytest setup: Triton interpreter on CPU, ``gpu`` marker, ``triton_device`` fixture."""
+"""Suite-wide pytest setup: Triton interpreter on CPU, ``gpu`` marker, per-test seeding, ``triton_device``."""
 
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -32,3 +33,15 @@ def triton_device() -> str:
     except ImportError:
         pytest.skip("triton not installed")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test() -> None:
+    """Seed torch and ``random`` before each test.
+
+    Without it a test's random inputs depend on which tests ran before it in the same process, so a
+    tolerance that holds for nearly every draw can fail only in one session's ordering (the isolated
+    per-package sessions run a different subset than the full suite).
+    """
+    torch.manual_seed(0)
+    random.seed(0)
