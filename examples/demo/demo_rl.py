@@ -1,9 +1,15 @@
 """The demo's RL stage: SAPO on the counting and colour prompts, reward = the synthetic verifier.
 
 Runs ``vl_rl.trainer.RLTrainer`` (rollouts with the HF engine, group advantages, the SAPO policy loss)
-on training-split prompts of the target tasks, and measures the held-out reward of those tasks before
-and after with greedy decoding. The reward is ``vl_train.data.synthetic.verify``, which the trainer wraps
-in a ``vl_rl.rewards.SafeReward`` (a raising reward scores 0 and is counted instead of stopping the run).
+on training-split prompts of the target tasks. The reward is ``vl_train.data.synthetic.verify``, which
+the trainer wraps in a ``vl_rl.rewards.SafeReward`` (a raising reward scores 0 and is counted instead of
+stopping the run).
+
+To tell an RL gain from noise, the stage is run once per seed in ``RLSpec.seeds``, each time from the
+same starting weights. For every seed it measures the held-out **sampled reward**: the mean verifier
+score of ``eval_samples_per_prompt`` responses per held-out prompt at the rollout temperature, which is
+the quantity RL maximises. Greedy held-out accuracy is measured too. The model leaves the stage with
+the weights of the first seed's run.
 
 The stage is skipped, with a message, when ``vl_rl.trainer`` cannot be imported.
 """
@@ -20,7 +26,7 @@ from typing import Any, Literal
 
 from demo_eval import evaluate_samples
 
-__all__ = ["RLRun", "RLSpec", "record_rewards", "rl_available", "run_rl"]
+__all__ = ["RLRun", "RLSpec", "SeedRun", "record_rewards", "rl_available", "run_rl"]
 
 _REWARD_KEYS = ("reward_mean", "reward/mean", "reward", "rewards/mean", "train/reward")
 
@@ -39,6 +45,8 @@ class RLSpec:
         temperature: Sampling temperature of the rollouts.
         max_new_tokens: Tokens per response.
         eval_size: Held-out prompts per task for the before/after reward.
+        eval_samples_per_prompt: Sampled responses per held-out prompt for the sampled reward.
+        seeds: RL seeds, each run from the same starting weights (the first one's model is kept).
         train_size: Training prompts per task.
         image_size_range: Image sides of the prompts.
         extra: More ``RLConfig`` fields.
@@ -53,9 +61,28 @@ class RLSpec:
     temperature: float = 1.0
     max_new_tokens: int = 8
     eval_size: int = 50
+    eval_samples_per_prompt: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2)
     train_size: int = 2000
     image_size_range: tuple[int, int] = (96, 128)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SeedRun:
+    """One RL run from the stage's starting weights.
+
+    Attributes:
+        seed: The RL seed.
+        sampled_after: Held-out sampled reward after RL.
+        greedy_after: Held-out greedy accuracy after RL.
+        seconds: Wall time of the training.
+    """
+
+    seed: int
+    sampled_after: float
+    greedy_after: float
+    seconds: float
 
 
 @dataclass
@@ -63,11 +90,14 @@ class RLRun:
     """What the RL stage produced.
 
     Attributes:
-        seconds: Wall time of the training.
-        rewards: Mean training reward per step.
-        evals: ``(step, held-out reward)`` points.
-        before: Held-out reward of the target tasks before RL.
-        after: Held-out reward after RL.
+        seconds: Wall time of the training, summed over the seeds.
+        rewards: Mean training reward per step (first seed).
+        evals: ``(step, held-out greedy accuracy)`` points of the kept model.
+        before: Held-out greedy accuracy of the target tasks before RL.
+        after: Held-out greedy accuracy after RL (first seed, the kept model).
+        sampled_before: Held-out sampled reward before RL.
+        sampled_se: Standard error over prompts of ``sampled_before`` (the evaluation's own noise).
+        seed_runs: One entry per seed.
         output_dir: The stage's folder.
     """
 
@@ -76,7 +106,46 @@ class RLRun:
     evals: list[tuple[int, float]]
     before: float
     after: float
+    sampled_before: float
+    sampled_se: float
+    seed_runs: list[SeedRun]
     output_dir: Path
+
+    @property
+    def gains(self) -> list[float]:
+        """Sampled-reward gain of every seed."""
+        return [r.sampled_after - self.sampled_before for r in self.seed_runs]
+
+    @property
+    def gain_mean(self) -> float:
+        """Mean sampled-reward gain over the seeds."""
+        return math.fsum(self.gains) / len(self.gains)
+
+    @property
+    def gain_std(self) -> float:
+        """Sample standard deviation of the gain over the seeds (0 for one seed): the seed noise."""
+        gains = self.gains
+        if len(gains) < 2:
+            return 0.0
+        mean = self.gain_mean
+        return math.sqrt(math.fsum((g - mean) ** 2 for g in gains) / (len(gains) - 1))
+
+    def summary(self, method: str, tasks: Sequence[str], eval_size: int, samples_per_prompt: int) -> str:
+        """One report line: sampled reward before/after per seed, the gain against the seed noise, greedy."""
+        afters = ", ".join(f"{r.sampled_after:.3f} (seed {r.seed})" for r in self.seed_runs)
+        beats = self.gain_mean > 2 * self.gain_std if len(self.seed_runs) > 1 else None
+        verdict = (
+            ""
+            if beats is None
+            else (" (more than twice the seed noise)" if beats else " (NOT above twice the seed noise)")
+        )
+        return (
+            f"RL ({method}) on {', '.join(tasks)}, {eval_size} held-out prompts per task: sampled reward "
+            f"({samples_per_prompt} responses per prompt at the rollout temperature) {self.sampled_before:.3f} -> "
+            f"{afters}; gain {self.gain_mean:+.3f} +- {self.gain_std:.3f} over {len(self.seed_runs)} seeds{verdict}; "
+            f"standard error of one such estimate over prompts {self.sampled_se:.3f}. "
+            f"Greedy accuracy {self.before:.3f} -> {self.after:.3f} (kept model, seed {self.seed_runs[0].seed})."
+        )
 
 
 def rl_available() -> bool:
@@ -127,44 +196,98 @@ def _target_reward(model: Any, processor: Any, samples: list[dict[str, Any]], sp
     ).mean
 
 
+def _sampled_reward(model: Any, processor: Any, samples: list[dict[str, Any]], spec: RLSpec) -> tuple[float, float]:
+    """Mean sampled reward and its standard error over prompts (each prompt's mean counts once)."""
+    from vl_rl.evaluate import evaluate
+    from vl_train.data.synthetic import verify
+
+    k = spec.eval_samples_per_prompt
+    result = evaluate(
+        model,
+        processor,
+        samples,
+        verify,
+        max_new_tokens=spec.max_new_tokens,
+        thinking=False,
+        greedy=False,
+        samples_per_prompt=k,
+        temperature=spec.temperature,
+        seed=0,  # the same sampling stream before and after, for every RL seed
+    )
+    per_prompt = [math.fsum(result.rewards[i : i + k]) / k for i in range(0, len(result.rewards), k)]
+    n = len(per_prompt)
+    mean = math.fsum(per_prompt) / n
+    var = math.fsum((x - mean) ** 2 for x in per_prompt) / (n - 1) if n > 1 else 0.0
+    return result.mean, math.sqrt(var / n)
+
+
 def run_rl(
     model: Any, processor: Any, spec: RLSpec, output_dir: Path, *, seed: int = 0, progress: bool = True
 ) -> RLRun:
-    """Train ``model`` in place with RL and return the reward curve and the held-out reward before/after.
+    """Train ``model`` in place with RL once per ``spec.seeds`` entry (each from the same start).
+
+    ``model`` ends with the weights of the first seed's run; ``seed`` offsets the prompt sets and RL seeds.
 
     Raises:
         ImportError: ``vl_rl.trainer`` is not importable (check :func:`rl_available` first).
+        ValueError: ``spec.seeds`` is empty.
     """
     from vl_rl.config import RLConfig
     from vl_rl.trainer import RLTrainer
     from vl_train.data.synthetic import verify
 
+    if not spec.seeds:
+        raise ValueError("RLSpec.seeds must name at least one seed")
     train = _samples("train", spec.train_size, spec, seed + 7)
     heldout = _samples("heldout", spec.eval_size, spec, seed + 11)
     before = _target_reward(model, processor, heldout, spec, progress)
-    config = RLConfig(
-        method=spec.method,
-        group_size=spec.group_size,
-        prompts_per_step=spec.prompts_per_step,
-        lr=spec.lr,
-        temperature=spec.temperature,
-        max_new_tokens=spec.max_new_tokens,
-        thinking=False,
-        max_steps=spec.steps,
-        eval_every=0,
-        save_every=0,
-        output_dir=str(output_dir),
-        seed=seed,
-        tensorboard=False,
-        plot=False,
-        progress=progress,
-        **spec.extra,
-    )
-    trainer = RLTrainer(model, processor, config, train, verify)  # wrapped in a SafeReward inside
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
+    sampled_before, sampled_se = _sampled_reward(model, processor, heldout, spec)
+    start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kept: dict[str, Any] | None = None
+    runs: list[SeedRun] = []
+    rewards: list[float] = []
+    after = before
+    for k, rl_seed in enumerate(spec.seeds):
+        model.load_state_dict(start_weights)
+        config = RLConfig(
+            method=spec.method,
+            group_size=spec.group_size,
+            prompts_per_step=spec.prompts_per_step,
+            lr=spec.lr,
+            temperature=spec.temperature,
+            max_new_tokens=spec.max_new_tokens,
+            thinking=False,
+            max_steps=spec.steps,
+            eval_every=0,
+            save_every=0,
+            output_dir=str(output_dir / f"seed{rl_seed}"),
+            seed=seed + rl_seed,
+            tensorboard=False,
+            plot=False,
+            progress=progress,
+            **spec.extra,
+        )
+        trainer = RLTrainer(model, processor, config, train, verify)  # wrapped in a SafeReward inside
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        model.eval()
+        greedy_after = _target_reward(model, processor, heldout, spec, progress)
+        runs.append(SeedRun(rl_seed, _sampled_reward(model, processor, heldout, spec)[0], greedy_after, seconds))
+        if k == 0:
+            rewards, after = record_rewards(result.records), greedy_after
+            kept = {key: v.detach().clone() for key, v in model.state_dict().items()}
+    assert kept is not None
+    model.load_state_dict(kept)
     model.eval()
-    after = _target_reward(model, processor, heldout, spec, progress)
-    rewards = record_rewards(result.records)
-    return RLRun(seconds, rewards, [(0, before), (len(rewards), after)], before, after, Path(output_dir))
+    return RLRun(
+        seconds=math.fsum(r.seconds for r in runs),
+        rewards=rewards,
+        evals=[(0, before), (len(rewards), after)],
+        before=before,
+        after=after,
+        sampled_before=sampled_before,
+        sampled_se=sampled_se,
+        seed_runs=runs,
+        output_dir=Path(output_dir),
+    )

@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts_per_step=2,
             group_size=2,
             eval_size=4,
+            eval_samples_per_prompt=2,
+            seeds=(0, 1),
             max_new_tokens=8,
             image_size_range=settings.image_size_range,
         )
@@ -142,10 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(("after RL", evaluate("RL").per_task))
         plot_rewards(rl.rewards, out / "rl_reward.png", evals=rl.evals)
         figures["Reward during RL"] = "rl_reward.png"
-        notes.append(
-            f"RL ({rl_spec.method}) on {', '.join(rl_spec.tasks)}: held-out reward {rl.before:.3f} -> {rl.after:.3f} "
-            f"on {rl_spec.eval_size} prompts per task."
-        )
+        notes.append(rl.summary(rl_spec.method, rl_spec.tasks, rl_spec.eval_size, rl_spec.eval_samples_per_prompt))
+        print(f"demo: {notes[-1]}")
 
     t0 = time.perf_counter()
     folder = save_model(model, processor, out / "model")

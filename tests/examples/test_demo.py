@@ -31,6 +31,9 @@ def test_smoke_run_writes_report_plots_model_and_answers(tmp_path: Path, capsys:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     if not rl_available():
         assert "RL was skipped" in report
+    else:  # one RL run per seed from the same start, the gain reported against the seed spread
+        assert "over 2 seeds" in report and "standard error of one such estimate" in report
+        assert (out / "RL" / "seed0").is_dir() and (out / "RL" / "seed1").is_dir()
 
     rows = json.loads((out / "accuracy.json").read_text())
     assert [r[0] for r in rows] == stages

@@ -10,7 +10,7 @@ import torch
 from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, majority_baseline, render_prompt
 from demo_pipeline import DemoSettings, StageSpec, build_demo_model, default_stages, run_stage
 from demo_report import QA, accuracy_table, plot_rewards, plot_stage_losses, write_report
-from demo_rl import record_rewards
+from demo_rl import RLRun, SeedRun, record_rewards
 
 from vl_train.data.synthetic import TASK_NAMES, SyntheticDataset, verify
 from vl_train.teacher import prompt_inputs
@@ -181,3 +181,22 @@ def test_majority_baseline_on_synthetic_counting_is_far_above_uniform_chance() -
 
     held = list(SyntheticDataset("heldout", size=60, seed=0, tasks=["count"], image_size_range=(48, 64)))
     assert majority_baseline(held)["count"] > 2 * CHANCE["count"]
+
+
+def _rl_run(afters: list[float], before: float = 0.25) -> RLRun:
+    runs = [SeedRun(seed, after, 0.5, 1.0) for seed, after in enumerate(afters)]
+    return RLRun(3.0, [0.1], [(0, 0.5), (1, 0.5)], 0.5, 0.5, before, 0.02, runs, Path("rl"))
+
+
+def test_rl_gain_against_seed_noise() -> None:
+    run = _rl_run([0.45, 0.35, 0.40])
+    assert run.gains == pytest.approx([0.20, 0.10, 0.15])
+    assert run.gain_mean == pytest.approx(0.15)
+    assert run.gain_std == pytest.approx(0.05)  # sample standard deviation (n - 1)
+    line = run.summary("sapo", ["count"], 50, 4)
+    assert "gain +0.150 +- 0.050 over 3 seeds (more than twice the seed noise)" in line
+    assert "standard error of one such estimate over prompts 0.020" in line
+    noisy = _rl_run([0.45, 0.05, 0.30])
+    assert "NOT above twice the seed noise" in noisy.summary("sapo", ["count"], 50, 4)
+    single = _rl_run([0.30])
+    assert single.gain_std == 0.0 and "seed noise" not in single.summary("sapo", ["count"], 50, 4)
