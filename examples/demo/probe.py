@@ -36,6 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="label of the run (also its folder under runs/probe)")
     parser.add_argument("--mixture", type=json.loads, default=None, help="S1 task weights (default: the demo's)")
+    parser.add_argument("--s0-steps", type=int, default=100, help="S0 steps")
     parser.add_argument("--steps", type=int, default=1000, help="S1 steps")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lr-vision", type=float, default=1e-3)
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings.mixture = dict(args.mixture)
     folder = args.log.parent / args.name
     phases = [
-        (StageSpec("S0", 100, 3e-3), settings.mixture),
+        (StageSpec("S0", args.s0_steps, 3e-3, warmup_steps=min(10, args.s0_steps - 1)), settings.mixture),
         (StageSpec("S1", args.steps, args.lr, args.lr_vision), settings.mixture),
     ]
     if args.then_steps:

@@ -200,3 +200,33 @@ def test_rl_gain_against_seed_noise() -> None:
     assert "NOT above twice the seed noise" in noisy.summary("sapo", ["count"], 50, 4)
     single = _rl_run([0.30])
     assert single.gain_std == 0.0 and "seed noise" not in single.summary("sapo", ["count"], 50, 4)
+
+
+def test_probe_runs_two_phases_and_splits_colour_by_colours_present(tmp_path: Path) -> None:
+    import json
+
+    import probe
+
+    log = tmp_path / "results.jsonl"
+    argv = ["tiny", "--mixture", '{"colour": 1}', "--s0-steps", "2", "--steps", "2"]
+    argv += ["--then-mixture", '{"colour": 1, "count": 1}', "--then-steps", "2", "--eval-size", "3", "--log", str(log)]
+    probe.main(argv)
+    row = json.loads(log.read_text().splitlines()[-1])
+    assert row["name"] == "tiny" and row["argv"] == argv
+    assert 0.0 <= row["count"] <= 1.0 and 0.0 <= row["colour"] <= 1.0
+    split = row["colour_by_colours_present"]
+    assert sum(n for n, _ in split.values()) == 3 and all(1 <= int(k) <= 6 for k in split)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "tiny"]
+
+
+def test_probe_counts_the_colours_in_an_image() -> None:
+    import PIL.Image
+    import probe
+
+    from vl_train.data._shapes import COLOURS
+
+    image = PIL.Image.new("RGB", (8, 8), (128, 128, 128))
+    image.putpixel((1, 1), COLOURS["red"])
+    image.putpixel((5, 5), COLOURS["blue"])
+    image.putpixel((6, 6), (221, 40, 40))  # one level off red: not a dataset colour
+    assert probe.colours_present({"messages": [{"content": [{"type": "image", "image": image}]}]}) == 2
