@@ -142,6 +142,19 @@ def test_greedy_generate_matches_manual_loop(family: str) -> None:
     assert torch.equal(out, ids)
 
 
+def test_processor_token_types_are_accepted_and_change_nothing() -> None:
+    """A VLProcessor's whole output (with ``mm_token_type_ids``) goes to forward and generate as it is."""
+    model = tiny_model(seed=4).eval()
+    batch = {k: v for k, v in image_batch().items() if k != "labels"}
+    types = (batch["input_ids"] == model.config.image_token_id).long()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        typed = model(**batch, mm_token_type_ids=types).logits
+    assert torch.equal(plain, typed)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(**batch, mm_token_type_ids=types, **kwargs), model.generate(**batch, **kwargs))
+
+
 def test_training_step_merger_only() -> None:
     model = tiny_model().train()
     freeze(model, ("vision", "llm"))

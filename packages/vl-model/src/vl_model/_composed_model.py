@@ -300,6 +300,7 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         video_grid_thw: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Embed, inject the vision tokens, run the LM (loss from ``labels`` by the LM).
@@ -317,6 +318,9 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             video_grid_thw: ``[n', 3]`` video grids.
             use_cache: Return the KV cache.
             logits_to_keep: Compute logits only for the last ``k`` positions (``0``: all).
+            mm_token_type_ids: ``[B, L]`` modality per token from ``VLProcessor``. Accepted so that a
+                processor's output can be passed whole (also to ``generate``), and not used: the
+                positions come from ``input_ids`` and the grids. It is not passed to the LM.
             **kwargs: Passed to the LM.
 
         Returns:
