@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vl_model import freeze, unfreeze
+from vl_model.parts import PARTS, unfreeze
 from vl_train import Trainer
 from vl_train.cli import build_data, build_model
 from vl_train.data.synthetic import TASK_NAMES
@@ -200,12 +200,10 @@ def run_stage(
         bf16=False,
     )
     batches = build_data(_data_section(settings, spec, index), processor, config)
-    freeze(model, [p for p in ("vision", "merger", "deepstack", "llm") if p not in config.trainable])
-    unfreeze(model, list(config.trainable))
     start = time.perf_counter()
     result = Trainer(model, config, batches).train()
     seconds = time.perf_counter() - start
-    unfreeze(model, ["vision", "merger", "deepstack", "llm"])
+    unfreeze(model, PARTS)  # Trainer froze the parts the stage does not train
     return StageRun(spec.name, seconds, list(result.losses), Path(result.output_dir))
 
 

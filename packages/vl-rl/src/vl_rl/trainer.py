@@ -145,7 +145,7 @@ class RLTrainer:
         callbacks: Sequence[Callback] = (),
         resume: bool = False,
     ) -> None:
-        from vl_model.parts import freeze, unfreeze
+        from vl_model.parts import PARTS, freeze, unfreeze
         from vl_train.config import TrainConfig
         from vl_train.optim import build_optimizer, build_scheduler
 
@@ -160,7 +160,7 @@ class RLTrainer:
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         self.callbacks, self.resume = list(callbacks), resume
-        freeze(model, [p for p in ("vision", "merger", "deepstack", "llm") if p not in config.trainable])
+        freeze(model, [p for p in PARTS if p not in config.trainable])
         unfreeze(model, config.trainable)
         opt_config = TrainConfig(
             trainable=config.trainable,

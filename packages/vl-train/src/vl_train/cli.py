@@ -369,13 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(config)
         return 0
-    from vl_model import freeze, unfreeze
-
     from .trainer import Trainer
 
-    freeze(model, [p for p in ("vision", "merger", "deepstack", "llm") if p not in config.trainable])
-    unfreeze(model, list(config.trainable))
-    try:
+    try:  # Trainer (and DistillTrainer) freeze every part outside config.trainable
         if batches is None:
             from .distill_run import run_distill
 
