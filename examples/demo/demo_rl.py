@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from demo_eval import evaluate_samples
 
-__all__ = ["RLRun", "RLSpec", "SeedRun", "record_rewards", "rl_available", "run_rl"]
+__all__ = ["RLRun", "RLSpec", "SeedRun", "record_rewards", "rl_available", "run_rl", "standard_error_over_prompts"]
 
 _REWARD_KEYS = ("reward_mean", "reward/mean", "reward", "rewards/mean", "train/reward")
 
@@ -214,11 +214,26 @@ def _sampled_reward(model: Any, processor: Any, samples: list[dict[str, Any]], s
         temperature=spec.temperature,
         seed=0,  # the same sampling stream before and after, for every RL seed
     )
-    per_prompt = [math.fsum(result.rewards[i : i + k]) / k for i in range(0, len(result.rewards), k)]
-    n = len(per_prompt)
-    mean = math.fsum(per_prompt) / n
-    var = math.fsum((x - mean) ** 2 for x in per_prompt) / (n - 1) if n > 1 else 0.0
-    return result.mean, math.sqrt(var / n)
+    return result.mean, standard_error_over_prompts(result.rewards, k)
+
+
+def standard_error_over_prompts(rewards: Sequence[float], per_prompt: int) -> float:
+    """Standard error of the mean reward when ``rewards`` hold ``per_prompt`` consecutive responses per prompt.
+
+    The responses to one prompt are correlated, so each prompt's mean counts once: the sample standard
+    deviation of the per-prompt means over the square root of the number of prompts (0 for one prompt).
+
+    Raises:
+        ValueError: ``per_prompt < 1`` or a reward count that is not a multiple of it.
+    """
+    if per_prompt < 1 or not rewards or len(rewards) % per_prompt:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {per_prompt} responses per prompt")
+    means = [math.fsum(rewards[i : i + per_prompt]) / per_prompt for i in range(0, len(rewards), per_prompt)]
+    n = len(means)
+    if n < 2:
+        return 0.0
+    mean = math.fsum(means) / n
+    return math.sqrt(math.fsum((x - mean) ** 2 for x in means) / (n - 1) / n)
 
 
 def run_rl(

@@ -10,7 +10,7 @@ import torch
 from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, majority_baseline, render_prompt
 from demo_pipeline import DemoSettings, StageSpec, build_demo_model, default_stages, run_stage
 from demo_report import QA, accuracy_table, plot_rewards, plot_stage_losses, write_report
-from demo_rl import RLRun, SeedRun, record_rewards
+from demo_rl import RLRun, RLSpec, SeedRun, record_rewards, rl_available, run_rl, standard_error_over_prompts
 
 from vl_train.data.synthetic import TASK_NAMES, SyntheticDataset, verify
 from vl_train.teacher import prompt_inputs
@@ -230,3 +230,23 @@ def test_probe_counts_the_colours_in_an_image() -> None:
     image.putpixel((5, 5), COLOURS["blue"])
     image.putpixel((6, 6), (221, 40, 40))  # one level off red: not a dataset colour
     assert probe.colours_present({"messages": [{"content": [{"type": "image", "image": image}]}]}) == 2
+
+
+def test_standard_error_counts_each_prompt_once() -> None:
+    import statistics
+
+    rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.0]  # 3 prompts x 3 responses
+    means = [2 / 3, 1 / 3, 0.5]
+    want = statistics.stdev(means) / len(means) ** 0.5
+    assert standard_error_over_prompts(rewards, 3) == pytest.approx(want)
+    assert standard_error_over_prompts([0.2, 0.4], 2) == 0.0  # one prompt: no spread to measure
+    for bad, k in (([1.0, 0.0, 1.0], 2), ([1.0], 0), ([], 1)):
+        with pytest.raises(ValueError, match="groups of"):
+            standard_error_over_prompts(bad, k)
+
+
+def test_run_rl_needs_a_seed(tmp_path: Path) -> None:
+    if not rl_available():
+        pytest.skip("vl_rl.trainer is not importable")
+    with pytest.raises(ValueError, match="at least one seed"):
+        run_rl(None, None, RLSpec(seeds=()), tmp_path)
