@@ -232,6 +232,26 @@ def test_probe_counts_the_colours_in_an_image() -> None:
     assert probe.colours_present({"messages": [{"content": [{"type": "image", "image": image}]}]}) == 2
 
 
+@pytest.mark.parametrize("task", ["kind", "colour"])
+def test_tower_probe_scenes_and_a_short_run(task: str) -> None:
+    import numpy as np
+    import tower_probe
+
+    from vl_train.data._shapes import COLOURS, KINDS
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        image, kind, target = tower_probe.draw(rng, task, 32, (96, 128))
+        assert image.size[0] % 32 == 0 and image.size[1] % 32 == 0
+        pixels = np.asarray(image).reshape(-1, 3)
+        if task == "kind":
+            assert target == kind and 0 <= kind < len(KINDS)
+        else:  # the asked shape's colour is in the image
+            assert (pixels == np.array(list(COLOURS.values())[target])).all(1).any()
+    rows = tower_probe.run(tower_probe.parse_args([task, "--steps", "2", "--eval-every", "1", "--grid", "0"]))
+    assert [r["step"] for r in rows] == [1, 2] and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
 def test_standard_error_counts_each_prompt_once() -> None:
     import statistics
 

@@ -103,3 +103,13 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         )
         == 0
     )
+
+
+def test_data_grid_reaches_the_prompts() -> None:
+    from vl_rl.cli import _datasets
+
+    train, held = _datasets(
+        {"tasks": ["count"], "size": 4, "heldout_size": 3, "grid": 32, "image_size_range": [64, 100]}
+    )
+    images = [item["image"] for s in train + held for item in s["messages"][0]["content"] if item["type"] == "image"]
+    assert len(images) == 7 and all(im.size[0] % 32 == 0 and im.size[1] % 32 == 0 for im in images)

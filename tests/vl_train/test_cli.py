@@ -13,6 +13,7 @@ from _cli_helpers import write_recipe
 from vl_train.cli import (
     apply_overrides,
     build_data,
+    build_mixture,
     build_model,
     load_recipe,
     main,
@@ -115,6 +116,17 @@ def test_build_model_and_data() -> None:
         assert batch["input_ids"].shape == (2, 384) and (batch["labels"] != -100).any()
         out = model(**batch)
         assert torch.isfinite(out.loss)
+
+
+def test_synthetic_source_passes_the_grid() -> None:
+    recipe = apply_overrides(
+        load_recipe("demo_s0"),
+        ["data.size=6", "data.tasks=['count']", "data.grid=32", "data.image_size_range=[64, 100]"],
+    )
+    mixture = build_mixture(recipe["data"], resolve_config(recipe))
+    samples = [next(mixture) for _ in range(6)]
+    sizes = {item["image"].size for s in samples for item in s["messages"][0]["content"] if item["type"] == "image"}
+    assert len(sizes) > 1 and all(w % 32 == 0 and h % 32 == 0 for w, h in sizes)
 
 
 def test_init_from_loads_weights(tmp_path: Path) -> None:

@@ -209,6 +209,37 @@ def test_image_sizes_vary_within_range() -> None:
     assert len({w for w, _ in sizes}) > 10 and any(w != h for w, h in sizes)
 
 
+@pytest.mark.parametrize("grid", [16, 32])
+def test_grid_puts_every_still_shape_in_one_cell(grid: int) -> None:
+    image_tasks = [t for t in TASK_NAMES if not t.startswith("video") and t != "text_math"]
+    ds = SyntheticDataset(size=80, seed=4, tasks=image_tasks, image_size_range=(64, 128), grid=grid, thinking=1.0)
+    lo, hi = grid * 5 // 8, grid - 2
+    for s in ds:
+        assert verify(s, _reply(s)) == 1.0
+        _check_image_task(s)  # answers still re-derived from the pixels
+        for media in _media(s):
+            w, h = media["image"].size
+            assert w % grid == 0 and h % grid == 0 and 64 <= w <= 128 and 64 <= h <= 128
+            for _, _, (x1, y1, x2, y2) in _blobs(media["image"]):
+                assert x1 // grid == (x2 - 1) // grid and y1 // grid == (y2 - 1) // grid, (s["id"], x1, y1, x2, y2)
+                assert max(x2 - x1, y2 - y1) <= hi and min(x2 - x1, y2 - y1) >= lo // 2  # triangles are short
+
+
+def test_free_placement_bytes_are_unchanged_by_the_grid_option() -> None:
+    # hashes taken with the code before the grid option existed (commit c888e8d)
+    ds = SyntheticDataset(size=9, seed=4)
+    assert content_hash(ds[2]) == "c899fc93996732fd8648eb309acabc1a"
+    assert content_hash(ds[8]) == "94fd6a62849fc7031449fda087958616"
+
+
+def test_grid_videos_keep_still_shapes_in_cells_and_answers_right() -> None:
+    ds = SyntheticDataset(size=20, seed=6, tasks=["video_appear", "video_move"], image_size_range=(64, 96), grid=32)
+    for s in ds:
+        _check_video_task(s)
+        (video,) = _media(s)
+        assert all(f.size[0] % 32 == 0 and f.size[1] % 32 == 0 for f in video["video"])
+
+
 def test_videos_have_the_right_frames() -> None:
     ds = SyntheticDataset(size=30, seed=3, tasks=["video_appear", "video_move"], video_frames=(3, 6), fps=4.0)
     lengths = set()
@@ -246,6 +277,8 @@ def test_thinking_fraction_and_access() -> None:
         ({"fps": 0.0}, "fps must be > 0, got 0.0"),
         ({"thinking": 1.5}, r"got 1.5"),
         ({"size": -1}, "got -1"),
+        ({"grid": 8}, "grid must be 0 .* or between 16 and the smallest image side 64, got 8"),
+        ({"grid": 80, "image_size_range": (64, 128)}, "got 80"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:

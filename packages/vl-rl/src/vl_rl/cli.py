@@ -13,8 +13,9 @@ known ones:
   a previous run's output with ``model/`` in it), else a fresh tiny model from ``[model.text]`` /
   ``[model.vision]``; ``tokenizer = "demo"``; image budgets; ``seed``.
 - ``[data]``: synthetic prompts (:class:`vl_train.data.synthetic.SyntheticDataset`): ``tasks``,
-  ``size``, ``seed``, ``image_size_range``, ``thinking`` (share of samples with reasoning), and the
-  held-out split's ``heldout_size`` (0: no evaluation) and ``heldout_seed``.
+  ``size``, ``seed``, ``image_size_range``, ``grid`` (cell side; 0 free placement), ``thinking`` (share
+  of samples with reasoning), and the held-out split's ``heldout_size`` (0: no evaluation) and
+  ``heldout_seed``.
 - ``[rl]``: :class:`~vl_rl.config.RLConfig` fields.
 - ``[reward]``: ``kind = "synthetic"`` (:func:`vl_train.data.synthetic.verify`) plus optional weighted
   terms ``format_weight`` (:func:`vl_rl.rewards.format_reward`, think tags) and ``repetition_weight``
@@ -39,7 +40,7 @@ from .config import RLConfig
 __all__ = ["build_reward", "load_recipe", "main", "packaged_recipes", "resolve_config"]
 
 _TOP = {"description", "model", "data", "rl", "reward"}
-_DATA = {"tasks", "size", "seed", "image_size_range", "thinking", "heldout_size", "heldout_seed"}
+_DATA = {"tasks", "size", "seed", "image_size_range", "grid", "thinking", "heldout_size", "heldout_seed"}
 _REWARD = {"kind", "format_weight", "repetition_weight"}
 
 
@@ -101,7 +102,11 @@ def build_reward(section: Mapping[str, Any]) -> Callable[[dict[str, Any], str], 
 def _datasets(section: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from vl_train.data.synthetic import SyntheticDataset
 
-    common: dict[str, Any] = {"tasks": section.get("tasks"), "thinking": float(section.get("thinking", 0.0))}
+    common: dict[str, Any] = {
+        "tasks": section.get("tasks"),
+        "thinking": float(section.get("thinking", 0.0)),
+        "grid": int(section.get("grid", 0)),
+    }
     if "image_size_range" in section:
         common["image_size_range"] = tuple(section["image_size_range"])
     train = SyntheticDataset("train", size=int(section.get("size", 512)), seed=int(section.get("seed", 0)), **common)

@@ -15,7 +15,7 @@ sections; every key is checked and an unknown one is an error that names it and 
   comes from the tokenizer); ``tokenizer = "demo"`` (:mod:`vl_train.demo_tokenizer`) or a tokenizer
   folder; image budgets ``min_pixels`` / ``max_pixels``, video ``fps`` / ``max_frames``; ``seed``.
 - ``[data]``: one source (``kind = "synthetic"`` with ``size``/``tasks``/``image_size_range``/
-  ``video_frames``/``thinking``, or ``kind = "jsonl"`` with ``path``) or ``[data.sources.NAME]``
+  ``video_frames``/``thinking``/``grid``, or ``kind = "jsonl"`` with ``path``) or ``[data.sources.NAME]``
   tables with a ``ratio`` each (a :class:`~vl_train.data.mixture.MixtureSampler`); ``policy`` and
   ``overlong`` for bad and overlong samples; ``seed``.
 - ``[train]``: :class:`~vl_train.config.TrainConfig` fields applied on top of the preset.
@@ -70,7 +70,19 @@ MODEL_KEYS = {
     "fps",
     "max_frames",
 }
-_SOURCE = {"kind", "path", "size", "split", "seed", "tasks", "image_size_range", "video_frames", "thinking", "ratio"}
+_SOURCE = {
+    "kind",
+    "path",
+    "size",
+    "split",
+    "seed",
+    "tasks",
+    "image_size_range",
+    "video_frames",
+    "thinking",
+    "grid",
+    "ratio",
+}
 _DATA = (_SOURCE - {"ratio"}) | {"sources", "policy", "overlong", "shuffle_buffer"}
 _TINY_TEXT: dict[str, Any] = {
     "hidden_size": 64,
@@ -247,7 +259,7 @@ def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
     if kind == "synthetic":
         from .data.synthetic import SyntheticDataset
 
-        kw = {k: spec[k] for k in ("size", "split", "tasks", "thinking") if k in spec}
+        kw = {k: spec[k] for k in ("size", "split", "tasks", "thinking", "grid") if k in spec}
         for key in ("image_size_range", "video_frames"):
             if key in spec:
                 kw[key] = tuple(spec[key])

@@ -99,6 +99,8 @@ class Scene:
         noise: Amplitude of the uniform background noise in grey levels (0 = plain).
         noise_seed: Seed of the background noise, so that frames of a video share one background.
         shapes: The shapes, drawn in order.
+        grid: Cell side in pixels (0: free placement). With a grid, ``W`` and ``H`` are multiples of it and
+            every shape placed by :meth:`add` lies inside one cell.
     """
 
     width: int
@@ -107,18 +109,26 @@ class Scene:
     noise: int
     noise_seed: int
     shapes: list[Shape] = field(default_factory=list)
+    grid: int = 0
 
     @classmethod
-    def random(cls, rng: np.random.Generator, size_range: tuple[int, int]) -> Scene:
-        """An empty scene of random size within ``size_range`` (each side drawn independently)."""
+    def random(cls, rng: np.random.Generator, size_range: tuple[int, int], grid: int = 0) -> Scene:
+        """An empty scene of random size within ``size_range`` (each side drawn independently).
+
+        With a ``grid``, each side is rounded down to a multiple of it (at least one cell).
+        """
         lo, hi = size_range
         width, height = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+        if grid:
+            width, height = max(grid, width // grid * grid), max(grid, height // grid * grid)
         grey = int(rng.integers(20, 61)) if rng.random() < 0.5 else int(rng.integers(195, 241))
         noise = 0 if rng.random() < 0.3 else int(rng.integers(2, 9))
-        return cls(width, height, grey, noise, int(rng.integers(2**31)))
+        return cls(width, height, grey, noise, int(rng.integers(2**31)), grid=grid)
 
     def size_bounds(self) -> tuple[int, int]:
-        """Smallest and largest shape side for this canvas (small canvases get small shapes)."""
+        """Smallest and largest shape side: a share of the canvas, or of the cell with a grid."""
+        if self.grid:  # large enough to show its kind, small enough to keep _GAP from a neighbour cell's shape
+            return max(8, self.grid * 5 // 8), self.grid - _GAP
         short = min(self.width, self.height)
         return max(8, short // 8), max(10, short // 4)
 
@@ -141,7 +151,7 @@ class Scene:
         """
         taken = avoid + [(s.x, s.y, s.x + s.size, s.y + s.size) for s in self.shapes]
         size = self.random_size(rng)
-        spot = place_box(rng, self.width, self.height, size, size, taken)
+        spot = place_box(rng, self.width, self.height, size, size, taken, grid=self.grid)
         if spot is None:
             return False
         self.shapes.append(Shape(kind, colour, spot[0], spot[1], size))
@@ -163,7 +173,13 @@ class Scene:
 
 
 def place_box(
-    rng: np.random.Generator, width: int, height: int, w: int, h: int, taken: list[tuple[int, int, int, int]]
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    w: int,
+    h: int,
+    taken: list[tuple[int, int, int, int]],
+    grid: int = 0,
 ) -> tuple[int, int] | None:
     """Top-left corner of a free ``w x h`` box inside the canvas, by bounded rejection sampling.
 
@@ -174,15 +190,22 @@ def place_box(
         w: Box width.
         h: Box height.
         taken: Boxes ``(x1, y1, x2, y2)`` the new box must stay ``_GAP`` pixels away from.
+        grid: Cell side (0: anywhere). A box that fits in a cell is put inside one random cell; a larger
+            box is placed freely.
 
     Returns:
         ``(x, y)``, or None when the box does not fit or no free place was found.
     """
     if w > width or h > height:
         return None
+    in_cell = grid > 0 and w <= grid and h <= grid
     for _ in range(_TRIES):
-        x = int(rng.integers(0, width - w + 1))
-        y = int(rng.integers(0, height - h + 1))
+        if in_cell:
+            x = int(rng.integers(0, width // grid)) * grid + int(rng.integers(0, grid - w + 1))
+            y = int(rng.integers(0, height // grid)) * grid + int(rng.integers(0, grid - h + 1))
+        else:
+            x = int(rng.integers(0, width - w + 1))
+            y = int(rng.integers(0, height - h + 1))
         if all(
             x + w + _GAP <= a1 or a2 + _GAP <= x or y + h + _GAP <= b1 or b2 + _GAP <= y for a1, b1, a2, b2 in taken
         ):

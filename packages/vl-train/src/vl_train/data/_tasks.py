@@ -37,11 +37,13 @@ class TaskContext:
         size_range: Smallest and largest image side in pixels.
         video_frames: Smallest and largest number of video frames.
         fps: Video frames per second.
+        grid: Cell side of the scenes in pixels (0: free placement; see ``Scene``).
     """
 
     size_range: tuple[int, int]
     video_frames: tuple[int, int]
     fps: float
+    grid: int = 0
 
 
 @dataclass
@@ -101,7 +103,7 @@ def _text(text: str) -> dict[str, Any]:
 
 def caption(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
     """Describe the image: every shape, left to right, in a canonical sentence."""
-    scene = Scene.random(rng, ctx.size_range)
+    scene = Scene.random(rng, ctx.size_range, ctx.grid)
     scene.fill(rng, [_label(rng) for _ in range(int(rng.integers(1, 6)))])
     labels = [s.label for s in _ordered(scene.shapes)]
     text = f"{_plural(len(labels), 'shape')}, from left to right: {_listing(labels)}."
@@ -112,7 +114,7 @@ def caption(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
 
 def count(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
     """How many shapes of a kind, or of a colour, the image holds (possibly none)."""
-    scene = Scene.random(rng, ctx.size_range)
+    scene = Scene.random(rng, ctx.size_range, ctx.grid)
     scene.fill(rng, [_label(rng) for _ in range(int(rng.integers(1, 9)))])
     present = scene.shapes[int(rng.integers(len(scene.shapes)))]
     by_kind = rng.random() < 0.5
@@ -133,7 +135,7 @@ def count(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
 
 def colour(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
     """The colour of the only shape of a kind."""
-    scene = Scene.random(rng, ctx.size_range)
+    scene = Scene.random(rng, ctx.size_range, ctx.grid)
     kind, col = _label(rng)
     others = tuple(k for k in KINDS if k != kind)
     scene.fill(rng, [(kind, col)] + [_label(rng, others) for _ in range(int(rng.integers(0, 5)))])
@@ -147,7 +149,7 @@ _RELATIONS = {"x": ("to the left of", "to the right of"), "y": ("above", "below"
 
 def spatial(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
     """Is shape A left of / right of / above / below shape B: yes or no (never ambiguous)."""
-    scene = Scene.random(rng, ctx.size_range)
+    scene = Scene.random(rng, ctx.size_range, ctx.grid)
     a, b = _label(rng), _label(rng)
     if a == b:
         raise Retry
@@ -176,7 +178,7 @@ def spatial(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
 
 def grounding(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
     """Boxes in 0-1000 coordinates of one labelled shape, or of every shape of a kind (JSON answer)."""
-    scene = Scene.random(rng, ctx.size_range)
+    scene = Scene.random(rng, ctx.size_range, ctx.grid)
     if rng.random() < 0.5:
         target = _label(rng)
         others = [lab for lab in (_label(rng) for _ in range(int(rng.integers(0, 5)))) if lab != target]
@@ -203,7 +205,7 @@ def grounding(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
 
 def compare(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
     """Two images: which has more shapes (or more shapes of one colour), the first or the second."""
-    scenes = [Scene.random(rng, ctx.size_range) for _ in range(2)]
+    scenes = [Scene.random(rng, ctx.size_range, ctx.grid) for _ in range(2)]
     for scene in scenes:
         scene.fill(rng, [_label(rng) for _ in range(int(rng.integers(1, 7)))])
     if rng.random() < 0.6:
@@ -222,7 +224,7 @@ def compare(rng: np.random.Generator, ctx: TaskContext) -> TaskOutput:
 
 def _video_scene(rng: np.random.Generator, ctx: TaskContext) -> tuple[Scene, int]:
     lo, hi = ctx.video_frames
-    return Scene.random(rng, ctx.size_range), int(rng.integers(lo, hi + 1))
+    return Scene.random(rng, ctx.size_range, ctx.grid), int(rng.integers(lo, hi + 1))
 
 
 def _timestamp_text(pairs: list[list[Any]]) -> str:
