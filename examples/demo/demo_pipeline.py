@@ -79,6 +79,7 @@ class DemoSettings:
         vision: ``VLVisionConfig`` overrides.
         max_pixels: Image budget of the processor.
         image_size_range: Smallest and largest image side of the synthetic data.
+        grid: Cell side of the synthetic scenes (``patch_size * 2``: one shape per visual token; 0 free).
         mixture: Task -> sampling weight.
         micro_batch_size: Rows per step.
         max_length: Tokens per packed row.
@@ -93,16 +94,17 @@ class DemoSettings:
         default_factory=lambda: {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3}
     )
     vision: dict[str, Any] = field(
-        default_factory=lambda: {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "patch_size": 8}
+        default_factory=lambda: {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "patch_size": 16}
     )
     max_pixels: int = 128 * 128
     image_size_range: tuple[int, int] = (96, 128)
+    grid: int = 32
     mixture: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIXTURE))
     micro_batch_size: int = 4
     max_length: int = 512
     packing: bool = True
     stages: list[StageSpec] = field(default_factory=lambda: default_stages())
-    data_size: int = 4000
+    data_size: int = 50000
 
 
 def default_stages(scale: float = 1.0) -> list[StageSpec]:
@@ -110,8 +112,8 @@ def default_stages(scale: float = 1.0) -> list[StageSpec]:
     steps = lambda n: max(2, round(n * scale))
     return [
         StageSpec("S0", steps(100), 3e-3, thinking=0.0, warmup_steps=min(10, steps(10))),
-        StageSpec("S1", steps(3000), 2e-3, lr_vision=1e-3, thinking=0.0, warmup_steps=min(20, steps(20))),
-        StageSpec("SFT", steps(300), 5e-4, lr_vision=2e-4, thinking=0.3, warmup_steps=min(10, steps(10))),
+        StageSpec("S1", steps(4000), 2e-3, lr_vision=2e-3, thinking=0.0, warmup_steps=min(20, steps(20))),
+        StageSpec("SFT", steps(300), 2e-4, lr_vision=5e-5, thinking=0.3, warmup_steps=min(10, steps(10))),
     ]
 
 
@@ -161,6 +163,7 @@ def _data_section(settings: DemoSettings, spec: StageSpec, stage_index: int) -> 
             "size": settings.data_size,
             "seed": settings.seed * 100 + stage_index,
             "image_size_range": list(settings.image_size_range),
+            "grid": settings.grid,
             "video_frames": [2, 4],
             "thinking": spec.thinking,
             "ratio": weight,

@@ -52,6 +52,7 @@ def example_samples(
     video_task: str = "video_move",
     *,
     image_size_range: tuple[int, int] = (48, 80),
+    grid: int = 0,
 ) -> list[dict[str, Any]]:
     """One fresh held-out sample per image task, then one video sample."""
     from vl_train.data.synthetic import SyntheticDataset
@@ -66,6 +67,7 @@ def example_samples(
             image_size_range=image_size_range,
             video_frames=(2, 4),
             thinking=0.0,
+            grid=grid,
         )
         out.append(ds[0])
     return out

@@ -49,6 +49,7 @@ class RLSpec:
         seeds: RL seeds, each run from the same starting weights (the first one's model is kept).
         train_size: Training prompts per task.
         image_size_range: Image sides of the prompts.
+        grid: Cell side of the prompts' scenes (0: free placement).
         extra: More ``RLConfig`` fields.
     """
 
@@ -65,6 +66,7 @@ class RLSpec:
     seeds: tuple[int, ...] = (0, 1, 2)
     train_size: int = 2000
     image_size_range: tuple[int, int] = (96, 128)
+    grid: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -186,6 +188,7 @@ def _samples(split: Literal["train", "heldout"], size: int, spec: RLSpec, seed: 
         tasks=list(spec.tasks),
         image_size_range=spec.image_size_range,
         thinking=0.0,
+        grid=spec.grid,
     )
     return list(ds)
 

@@ -61,7 +61,12 @@ def score(model: Any, processor: Any, settings: DemoSettings, eval_size: int) ->
     for task in ("count", "colour"):
         samples = list(
             SyntheticDataset(
-                "heldout", size=eval_size, seed=5, tasks=[task], image_size_range=settings.image_size_range
+                "heldout",
+                size=eval_size,
+                seed=5,
+                tasks=[task],
+                image_size_range=settings.image_size_range,
+                grid=settings.grid,
             )
         )
         result = evaluate_samples(model, processor, samples, max_new_tokens=6, progress=False)

@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def heldout_samples(per_task: int, seed: int, image_size_range: tuple[int, int]) -> list[dict[str, Any]]:
+def heldout_samples(per_task: int, seed: int, image_size_range: tuple[int, int], grid: int = 0) -> list[dict[str, Any]]:
     """``per_task`` held-out samples of every task (never seen in training: disjoint split)."""
     out: list[dict[str, Any]] = []
     for task in TASK_NAMES:
@@ -67,6 +67,7 @@ def heldout_samples(per_task: int, seed: int, image_size_range: tuple[int, int])
             image_size_range=image_size_range,
             video_frames=(2, 4),
             thinking=0.0,
+            grid=grid,
         )
         out.extend(ds)
     return out
@@ -82,13 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     settings = DemoSettings(moe=args.moe, seed=args.seed)
-    rl_spec = RLSpec(image_size_range=settings.image_size_range)
+    rl_spec = RLSpec(image_size_range=settings.image_size_range, grid=settings.grid)
     if args.smoke:
         settings.stages = default_stages(scale=0.0)  # 2 steps each
         settings.text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
         settings.vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "patch_size": 8}
         settings.micro_batch_size, settings.max_length, settings.data_size = 2, 384, 64
-        settings.image_size_range, settings.max_pixels = (48, 64), 64 * 64
+        settings.image_size_range, settings.max_pixels, settings.grid = (48, 64), 64 * 64, 16
         rl_spec = RLSpec(
             steps=2,
             prompts_per_step=2,
@@ -98,10 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds=(0, 1),
             max_new_tokens=8,
             image_size_range=settings.image_size_range,
+            grid=settings.grid,
         )
     eval_size = args.eval_size or (2 if args.smoke else 40)
     max_new_tokens = 8 if args.smoke else 40
-    heldout = heldout_samples(eval_size, args.seed, settings.image_size_range)
+    heldout = heldout_samples(eval_size, args.seed, settings.image_size_range, settings.grid)
     start = time.perf_counter()
 
     model, processor = build_demo_model(settings)
@@ -151,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = save_model(model, processor, out / "model")
     reloaded, reloaded_processor = reload_model(folder)
     qa = ask_examples(
-        reloaded, reloaded_processor, example_samples(image_size_range=settings.image_size_range), out / "examples"
+        reloaded,
+        reloaded_processor,
+        example_samples(image_size_range=settings.image_size_range, grid=settings.grid),
+        out / "examples",
     )
     times["held-out evaluations (all)"] = eval_seconds[0]
     times["save + reload + Q/A"] = time.perf_counter() - t0
