@@ -42,7 +42,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.grid != 0 and not 16 <= args.grid <= 96:  # 96: the smallest canvas side of the demo's scenes
+        parser.error(f"--grid must be 0 (shapes anywhere) or between 16 and 96, got {args.grid}")
+    return args
 
 
 def draw(

@@ -252,6 +252,14 @@ def test_tower_probe_scenes_and_a_short_run(task: str) -> None:
     assert [r["step"] for r in rows] == [1, 2] and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
 
 
+def test_tower_probe_rejects_a_grid_too_small_for_a_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    import tower_probe
+
+    with pytest.raises(SystemExit):
+        tower_probe.parse_args(["kind", "--grid", "8"])
+    assert "--grid must be 0 (shapes anywhere) or between 16 and 96, got 8" in capsys.readouterr().err
+
+
 def test_standard_error_counts_each_prompt_once() -> None:
     import statistics
 
