@@ -35,7 +35,7 @@ from vl_moe import MoEExperts, SparseMoeBlock, TopKRouter
 from vl_rope import MRoPE, apply_rotary
 from vl_vision import VisionTransformer
 
-from ._attention import eager_attention, flash_varlen_kwargs, segment_mask_function
+from ._attention import eager_attention, flash_varlen_kwargs, packed_causal_mask, segment_mask_function
 from .configuration import VLConfig, VLTextConfig
 
 __all__ = ["RMSNorm", "VLPreTrainedModel", "VLTextModel", "VLTextModelOutput"]
@@ -316,15 +316,22 @@ class VLTextModel(VLPreTrainedModel):
             position_ids = position_ids[1:]
         self._check_context(position_ids)
 
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=None,
-            and_mask_function=None if segment_ids is None else segment_mask_function(segment_ids),
-        )
-        if segment_ids is not None and "flash" in str(self.config._attn_implementation):
+        implementation = str(self.config._attn_implementation or "sdpa")
+        flash = "flash" in implementation
+        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
+        plain_padding = attention_mask is None or attention_mask.dim() == 2
+        if segment_ids is not None and fresh and plain_padding and implementation in ("sdpa", "eager"):
+            mask: Any = packed_causal_mask(segment_ids, attention_mask)
+        else:
+            mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=None,
+                and_mask_function=None if segment_ids is None else segment_mask_function(segment_ids),
+            )
+        if segment_ids is not None and flash:
             # FlashAttention takes no mask function: run the packed samples as varlen sequences instead
             kwargs = {**flash_varlen_kwargs(segment_ids), **kwargs}
             mask = None
