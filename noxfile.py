@@ -270,7 +270,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job (issue 8): a tiny Qwen3-VL-class model through S0 -> S1 -> SFT -> RL, evaluated after each stage.
+    """The main job (issue 8): a tiny Qwen3-VL-class model through V0 -> S0 -> S1 -> SFT -> RL, evaluated after each stage.
 
     Runs ``examples/demo/run.py``: held-out accuracy per task, ``runs/demo/report.md`` with the accuracy
     table, wall times, loss and reward PNGs, and the model saved and reloaded in Hugging Face format.

@@ -1,10 +1,10 @@
-"""The demo's model and supervised stages: a tiny Qwen3-VL-style model trained S0 -> S1 -> SFT.
+"""The demo's model and supervised stages: a tiny Qwen3-VL-style model trained (V0 ->) S0 -> S1 -> SFT.
 
 The model is built from the suite's parts by ``vl_train.cli.build_model`` (vision tower + merger +
 DeepStack + interleaved-MRoPE decoder, optionally with MoE text layers) with the demo tokenizer. Each
 stage is a ``vl_train.stages`` preset with the demo's settings applied, trained by ``vl_train.Trainer``
 on a ``MixtureSampler`` of per-task ``SyntheticDataset`` sources (counting and colour weighted up,
-every task present).
+every task present). V0, the tower pretrained alone before S0, is in ``demo_vision``.
 
 The settings below are **our choice**, tuned for a 2-core CPU (see ``examples/demo/README.md``).
 """
@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from demo_vision import TowerSpec
 
 from vl_model.parts import PARTS, unfreeze
 from vl_train import Trainer
@@ -54,10 +56,11 @@ class StageSpec:
     Attributes:
         name: Short name (``"S0"``, ``"S1"``, ``"SFT"``), also the preset.
         steps: Optimiser steps.
-        lr: Peak learning rate (merger and LLM).
+        lr: Peak learning rate (the LLM; also the merger and tower unless set below).
         lr_vision: Peak learning rate of the tower (``None``: ``lr``).
         thinking: Fraction of samples carrying reasoning (rendered as ``<think>...</think>``).
         warmup_steps: Linear warm-up steps.
+        lr_merger: Peak learning rate of the merger and DeepStack mergers (``None``: ``lr``).
     """
 
     name: str
@@ -66,6 +69,7 @@ class StageSpec:
     lr_vision: float | None = None
     thinking: float = 0.0
     warmup_steps: int = 10
+    lr_merger: float | None = None
 
 
 @dataclass
@@ -86,6 +90,7 @@ class DemoSettings:
         packing: Pack several samples per row (else one padded sample per row).
         stages: The supervised stages in order.
         data_size: Training samples per task source (each cycles).
+        tower: V0, the tower pretrained alone before S0 (``demo_vision``; 0 steps skips it).
     """
 
     moe: bool = False
@@ -105,15 +110,21 @@ class DemoSettings:
     packing: bool = True
     stages: list[StageSpec] = field(default_factory=lambda: default_stages())
     data_size: int = 50000
+    tower: TowerSpec = field(default_factory=TowerSpec)
 
 
 def default_stages(scale: float = 1.0) -> list[StageSpec]:
-    """The demo's S0, S1 and SFT stages; ``scale`` multiplies every step count (at least 2 steps)."""
+    """The demo's S0, S1 and SFT stages; ``scale`` multiplies every step count (at least 2 steps).
+
+    The tower and merger come from V0 and train at 1e-5 from then on: at the LLM's rates, gradients
+    through the still random LLM scramble the features V0 gave them (see the README's probe section).
+    """
     steps = lambda n: max(2, round(n * scale))
+    vision = {"lr_vision": 1e-5, "lr_merger": 1e-5}
     return [
-        StageSpec("S0", steps(100), 3e-3, thinking=0.0, warmup_steps=min(10, steps(10))),
-        StageSpec("S1", steps(4000), 2e-3, lr_vision=2e-3, thinking=0.0, warmup_steps=min(20, steps(20))),
-        StageSpec("SFT", steps(300), 2e-4, lr_vision=5e-5, thinking=0.3, warmup_steps=min(10, steps(10))),
+        StageSpec("S0", steps(100), 3e-3, thinking=0.0, warmup_steps=min(10, steps(10)), **vision),
+        StageSpec("S1", steps(3500), 2e-3, thinking=0.0, warmup_steps=min(20, steps(20)), **vision),
+        StageSpec("SFT", steps(300), 1e-4, thinking=0.3, warmup_steps=min(10, steps(10)), **vision),
     ]
 
 
@@ -186,6 +197,7 @@ def run_stage(
     config = stage(spec.name).replace(
         lr=spec.lr,
         lr_vision=spec.lr_vision if spec.lr_vision is not None else spec.lr,
+        lr_merger=spec.lr_merger,
         max_steps=spec.steps,
         warmup_steps=min(spec.warmup_steps, spec.steps - 1),
         max_length=settings.max_length,

@@ -50,23 +50,25 @@ class RLSpec:
         train_size: Training prompts per task.
         image_size_range: Image sides of the prompts.
         grid: Cell side of the prompts' scenes (0: free placement).
+        trainable: Parts RL trains (``RLConfig.trainable``): the LLM only, the vision side stays as V0 left it.
         extra: More ``RLConfig`` fields.
     """
 
     method: str = "sapo"
     tasks: tuple[str, ...] = ("count", "colour")
     steps: int = 60
-    prompts_per_step: int = 8
+    prompts_per_step: int = 32
     group_size: int = 8
     lr: float = 1e-4
     temperature: float = 1.0
     max_new_tokens: int = 8
-    eval_size: int = 50
+    eval_size: int = 100
     eval_samples_per_prompt: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     train_size: int = 2000
     image_size_range: tuple[int, int] = (96, 128)
     grid: int = 0
+    trainable: tuple[str, ...] = ("llm",)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -276,6 +278,7 @@ def run_rl(
             max_new_tokens=spec.max_new_tokens,
             thinking=False,
             max_steps=spec.steps,
+            trainable=spec.trainable,
             eval_every=0,
             save_every=0,
             output_dir=str(output_dir / f"seed{rl_seed}"),

@@ -2,11 +2,12 @@
 
 Usage::
 
-    python examples/demo/run.py                 # dense model, about 10 minutes on a quiet 2-core CPU
+    python examples/demo/run.py                 # dense model, about 14 minutes on a quiet 2-core CPU
     python examples/demo/run.py --moe           # MoE text layers
     python examples/demo/run.py --smoke         # a few steps per stage (a test of the plumbing)
 
-Steps: build the model from the suite's parts -> evaluate -> S0 (merger only) -> evaluate -> S1 (all
+Steps: build the model from the suite's parts -> evaluate -> V0 (the tower alone on cell labels, a
+stand-in for a pretrained SigLIP-2 tower, ``demo_vision``) -> S0 (merger only) -> evaluate -> S1 (all
 parameters) -> evaluate -> SFT (thinking format on part of the samples) -> evaluate -> RL (SAPO on the
 counting and colour prompts, reward = the synthetic verifier) -> evaluate -> save in Hugging Face
 format -> reload with ``AutoModelForImageTextToText`` -> answer example questions -> write
@@ -32,6 +33,7 @@ from demo_pipeline import DemoSettings, build_demo_model, default_stages, run_st
 from demo_questions import ask_examples, example_samples, reload_model, save_model
 from demo_report import accuracy_table, plot_rewards, plot_stage_losses, write_report
 from demo_rl import RLSpec, rl_available, run_rl
+from demo_vision import TowerSpec, pretrain_tower
 
 from vl_train.data.synthetic import TASK_NAMES, SyntheticDataset
 
@@ -45,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage and a few eval samples")
     parser.add_argument("--output", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="model and data seed")
-    parser.add_argument("--eval-size", type=int, default=None, help="held-out samples per task (default 40)")
+    parser.add_argument("--eval-size", type=int, default=None, help="held-out samples per task (default 100)")
     parser.add_argument("--no-rl", action="store_true", help="skip the RL stage")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -90,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "patch_size": 8}
         settings.micro_batch_size, settings.max_length, settings.data_size = 2, 384, 64
         settings.image_size_range, settings.max_pixels, settings.grid = (48, 64), 64 * 64, 16
+        settings.tower = TowerSpec(steps=2, scenes_per_step=2)
         rl_spec = RLSpec(
             steps=2,
             prompts_per_step=2,
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size_range=settings.image_size_range,
             grid=settings.grid,
         )
-    eval_size = args.eval_size or (2 if args.smoke else 40)
+    eval_size = args.eval_size or (2 if args.smoke else 100)
     max_new_tokens = 8 if args.smoke else 40
     heldout = heldout_samples(eval_size, args.seed, settings.image_size_range, settings.grid)
     start = time.perf_counter()
@@ -125,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[tuple[str, dict[str, float]]] = [("before training", evaluate("init").per_task)]
     times: dict[str, float] = {}
     losses: dict[str, list[float]] = {}
+    if settings.tower.steps:
+        print(f"demo: stage V0: the tower alone, {settings.tower.steps} steps at lr {settings.tower.lr:g}")
+        times["V0"], losses["V0"] = pretrain_tower(
+            model, processor, settings, settings.tower, out / "V0", progress=progress
+        )
+        print(f"demo: V0 loss {losses['V0'][0]:.3f} -> {losses['V0'][-1]:.3f} in {times['V0']:.0f} s")
     for spec in settings.stages:
         print(f"demo: stage {spec.name}: {spec.steps} steps at lr {spec.lr:g}")
         run = run_stage(model, processor, settings, spec, out / spec.name, progress=progress)

@@ -26,6 +26,7 @@ def test_smoke_run_writes_report_plots_model_and_answers(tmp_path: Path, capsys:
     assert "| majority answer |" in report
     assert "| chance |" in report and "| stage | " + " | ".join(TASK_NAMES) + " | mean |" in report
     assert "[Training loss per stage](loss_per_stage.png)" in report
+    assert "| V0 |" in report and (out / "V0" / "metrics.jsonl").is_file()  # the tower pretrained alone, timed
     pngs = ["loss_per_stage.png"] + (["rl_reward.png"] if rl_available() else [])
     for name in pngs:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, majority_baseline, render_prompt
@@ -278,3 +279,66 @@ def test_run_rl_needs_a_seed(tmp_path: Path) -> None:
         pytest.skip("vl_rl.trainer is not importable")
     with pytest.raises(ValueError, match="at least one seed"):
         run_rl(None, None, RLSpec(seeds=()), tmp_path)
+
+
+def test_v0_cell_labels_follow_the_merged_token_order() -> None:
+    """Cell ``r * columns + c`` is the merged token whose 2x2 patch window covers that cell's pixels."""
+    from demo_vision import EMPTY_COLOUR, EMPTY_KIND, cell_labels
+
+    from vl_train.data._shapes import COLOURS, KINDS, Scene, Shape
+
+    scene = Scene(width=96, height=64, grey=128, noise=0, noise_seed=0, shapes=[], grid=32)
+    scene.shapes.append(Shape("star", "red", x=32 + 3, y=32 + 4, size=24))  # row 1, column 1
+    scene.shapes.append(Shape("circle", "blue", x=64 + 1, y=2, size=26))  # row 0, column 2
+    kinds, colours = cell_labels(scene, 32)
+    assert kinds.tolist() == [
+        EMPTY_KIND,
+        EMPTY_KIND,
+        KINDS.index("circle"),
+        EMPTY_KIND,
+        KINDS.index("star"),
+        EMPTY_KIND,
+    ]
+    assert colours[4] == list(COLOURS).index("red") and colours[2] == list(COLOURS).index("blue")
+    assert colours[0] == EMPTY_COLOUR
+
+    settings = DemoSettings(vision={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "patch_size": 16})
+    _, processor = build_demo_model(settings)
+    inputs = processor.image_processor([scene.render()])
+    patches = inputs["pixel_values"].reshape(-1, 4, inputs["pixel_values"].shape[-1])  # merge windows in order
+    assert patches.shape[0] == kinds.numel()
+    busy = [i for i in range(patches.shape[0]) if float(patches[i].std()) > 1e-3]
+    assert busy == [2, 4], "the shapes' pixels must land in the merged tokens their labels name"
+
+    with pytest.raises(ValueError, match="straddles"):
+        scene.shapes.append(Shape("square", "green", x=20, y=2, size=20))
+        cell_labels(scene, 32)
+    with pytest.raises(ValueError, match="multiples of the grid"):
+        cell_labels(Scene(width=90, height=64, grey=128, noise=0, noise_seed=0, shapes=[], grid=0), 32)
+
+
+def test_v0_trains_the_tower_alone(tmp_path: Path) -> None:
+    import json
+
+    from demo_vision import TowerSpec, pretrain_tower
+
+    settings = DemoSettings(
+        text={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
+        vision={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "patch_size": 16},
+    )
+    model, processor = build_demo_model(settings)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds, losses = pretrain_tower(
+        model, processor, settings, TowerSpec(steps=3, scenes_per_step=2), tmp_path / "V0", progress=False
+    )
+    assert seconds > 0 and len(losses) == 3 and all(np.isfinite(v) for v in losses)
+    records = [json.loads(line) for line in (tmp_path / "V0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("model.visual.merger") for k in changed), "the merger must train"
+    assert not any("language_model" in k or k.startswith("lm_head") for k in changed), "the LLM must not move"
+    assert all(p.grad is None for p in model.parameters())
+
+    settings.grid = 0
+    with pytest.raises(ValueError, match="grid > 0"):
+        pretrain_tower(model, processor, settings, TowerSpec(steps=1), tmp_path / "V0b", progress=False)
