@@ -58,8 +58,8 @@ def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor |
     """Boolean ``[B, 1, L, L]`` mask of packed rows: causal, within one segment, never onto padding keys.
 
     The same mask as ``create_causal_mask`` with :func:`segment_mask_function` for the real tokens, but
-    built by one broadcast instead of ``vmap`` over a mask function (that took a tenth of a small
-    model's training step on CPU). A query at padding (``attention_mask`` 0) sees only itself, so no
+    built by one broadcast instead of ``vmap`` over a mask function (which showed up in CPU profiles
+    of small-model training steps). A query at padding (``attention_mask`` 0) sees only itself, so no
     row is fully masked (SDPA would return NaN there, and NaN gradients poison the step even though
     padding carries no loss).
 

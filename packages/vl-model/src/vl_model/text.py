@@ -317,11 +317,14 @@ class VLTextModel(VLPreTrainedModel):
         self._check_context(position_ids)
 
         implementation = str(self.config._attn_implementation or "sdpa")
-        flash = "flash" in implementation
         fresh = past_key_values is None or past_key_values.get_seq_length() == 0
         plain_padding = attention_mask is None or attention_mask.dim() == 2
-        if segment_ids is not None and fresh and plain_padding and implementation in ("sdpa", "eager"):
-            mask: Any = packed_causal_mask(segment_ids, attention_mask)
+        mask: Any = None
+        if segment_ids is not None and "flash" in implementation:
+            # FlashAttention takes no mask function: run the packed samples as varlen sequences instead
+            kwargs = {**flash_varlen_kwargs(segment_ids), **kwargs}
+        elif segment_ids is not None and fresh and plain_padding and implementation in ("sdpa", "eager"):
+            mask = packed_causal_mask(segment_ids, attention_mask)
         else:
             mask = create_causal_mask(
                 config=self.config,
@@ -331,10 +334,6 @@ class VLTextModel(VLPreTrainedModel):
                 position_ids=None,
                 and_mask_function=None if segment_ids is None else segment_mask_function(segment_ids),
             )
-        if segment_ids is not None and flash:
-            # FlashAttention takes no mask function: run the packed samples as varlen sequences instead
-            kwargs = {**flash_varlen_kwargs(segment_ids), **kwargs}
-            mask = None
         cos_sin = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
         hidden = inputs_embeds
         all_hidden: list[torch.Tensor] = []
