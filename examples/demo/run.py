@@ -9,7 +9,7 @@ Usage::
 Steps: build the model from the suite's parts -> evaluate -> V0 (the tower alone on cell labels, a
 stand-in for a pretrained SigLIP-2 tower, ``demo_vision``) -> S0 (merger only) -> evaluate -> S1 (all
 parameters) -> evaluate -> SFT (thinking format on part of the samples) -> evaluate -> RL (SAPO on the
-counting and colour prompts, reward = the synthetic verifier) -> evaluate -> save in Hugging Face
+image-comparison prompts, reward = the synthetic verifier) -> evaluate -> save in Hugging Face
 format -> reload with ``AutoModelForImageTextToText`` -> answer example questions -> write
 ``OUTPUT/report.md`` with the accuracy table, wall times and plots.
 """

@@ -139,7 +139,11 @@ def test_plots_write_pngs_and_reject_empty_input(tmp_path: Path) -> None:
 
 
 def test_report_holds_table_times_answers_and_links(tmp_path: Path) -> None:
-    qa = [QA("image", "How many stars?", "3", "3", 1.0, "examples/a.png"), QA("video", "When?", "x", "y", 0.0)]
+    qa = [
+        QA("image", "How many stars?", "3", "3", 1.0, "examples/a.png"),
+        QA("video", "When?", "x", "y", 0.0),
+        QA("video", "When does it move?", "star at 0.5 seconds", "star at 1.0 seconds", 1.0),
+    ]
     path = write_report(
         tmp_path / "report.md",
         title="demo",
@@ -153,6 +157,7 @@ def test_report_holds_table_times_answers_and_links(tmp_path: Path) -> None:
     assert "| t |" in text and "| S0 | 1.5 |" in text and "| total | 3.5 |" in text
     assert "![image](examples/a.png) **Q (image):** How many stars?" in text and "(expected `3`: right)" in text
     assert "(expected `y`: wrong)" in text and "- [Loss](loss.png)" in text and "- a note" in text
+    assert "(expected `star at 1.0 seconds`: right within the verifier's tolerance)" in text
 
 
 def test_record_rewards_reads_known_keys_and_names_missing_ones() -> None:
