@@ -13,6 +13,7 @@ from vl_rl.rollout import (
     DEFAULT_ANSWER_CUE,
     HFRolloutEngine,
     concat_rollouts,
+    prompt_text,
     rollout_logprobs,
     select_rows,
     subset_groups,
@@ -173,6 +174,30 @@ def test_logprobs_match_a_full_forward_and_survive_row_selection(policy: tuple[A
         assert joined.texts == [out.texts[r] for r in rows]
 
 
+def test_video_prompts_roll_out_with_their_frames_and_score_like_a_full_forward(policy: tuple[Any, Any]) -> None:
+    model, processor = policy
+    mixed = samples(4, tasks=("video_move", "count", "video_appear"), seed=3)
+    assert any(item["type"] == "video" for s in mixed for m in s["messages"] for item in m["content"])
+    torch.manual_seed(0)
+    out = HFRolloutEngine(model, processor, max_new_tokens=3, thinking=False).generate(mixed, 2)
+    grids = out.model_inputs["video_grid_thw"]
+    videos = [sum(item["type"] == "video" for m in s["messages"] for item in m["content"]) for s in mixed]
+    assert out.videos_per_row == [v for v in videos for _ in range(2)] and grids.shape[0] == sum(out.videos_per_row)
+    assert out.model_inputs["pixel_values_videos"].shape[0] == int(grids.prod(-1).sum())
+    placeholders = int((out.sequences[:, : out.prompt_length] == model.config.video_token_id).sum())
+    assert placeholders == int(grids.prod(-1).sum()) // 4
+    with torch.no_grad():
+        lp, _ = rollout_logprobs(model, out.sequences, out.model_inputs, out.prompt_length)
+        logits = model(input_ids=out.sequences, **out.model_inputs).logits.float()
+        ref = torch.log_softmax(logits, -1)[:, out.prompt_length - 1 : -1]
+        expected = ref.gather(-1, out.sequences[:, out.prompt_length :, None]).squeeze(-1)
+        torch.testing.assert_close(lp, expected, rtol=1e-4, atol=1e-4)
+        rows = [7, 0, 2]  # video and image rows, out of order: each keeps its own frames
+        seqs, mask, inputs = select_rows(out, rows)
+        sub, _ = rollout_logprobs(model, seqs, inputs, out.prompt_length)
+        torch.testing.assert_close(sub[mask], lp[rows][mask], rtol=1e-4, atol=1e-4)
+
+
 def test_bad_input(policy: tuple[Any, Any]) -> None:
     model, processor = policy
     engine = HFRolloutEngine(model, processor, max_new_tokens=2)
@@ -182,9 +207,11 @@ def test_bad_input(policy: tuple[Any, Any]) -> None:
         engine.generate([], 2)
     with pytest.raises(ValueError, match="no user turn"):
         engine.generate([{"id": "x", "messages": [{"role": "assistant", "content": "hi"}]}], 1)
-    video = {"id": "v", "messages": [{"role": "user", "content": [{"type": "video", "video": []}]}]}
-    with pytest.raises(ValueError, match="rollouts take image and text items, got 'video'"):
-        engine.generate([video], 1)
+    audio = {"id": "a", "messages": [{"role": "user", "content": [{"type": "audio", "audio": []}]}]}
+    with pytest.raises(ValueError, match="rollouts take image, video and text items, got 'audio'"):
+        engine.generate([audio], 1)
+    with pytest.raises(ValueError, match="holds a video: prompt_text returns text and images only"):
+        prompt_text(processor, samples(1, tasks=("video_move",))[0])
     with pytest.raises(ValueError, match="max_new_tokens"):
         HFRolloutEngine(model, processor, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):

@@ -94,6 +94,17 @@ def test_a_step_changes_the_trainable_weights_only(tmp_path: Path) -> None:
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_step_on_video_prompts_trains_through_the_frames(tmp_path: Path) -> None:
+    model, processor = tiny()
+    before = weights(model)
+    cfg = config(tmp_path, trainable=("vision", "merger", "deepstack", "llm"))
+    result = RLTrainer(model, processor, cfg, samples(4, tasks=("video_move", "video_appear")), length_reward).train()
+    assert result.records[0]["reward_errors"] == 0
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.visual.patch_embed") for k in changed)  # the video pixels reached the loss
+
+
 def test_advantages_and_old_logprobs_reach_the_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, processor = tiny()
     torch.manual_seed(0)

@@ -94,18 +94,10 @@ def _thinking_on(sample: Mapping[str, Any], thinking: bool | None) -> bool:
     return bool(sample.get("reasoning")) if thinking is None else thinking
 
 
-def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None = None) -> tuple[str, list[Any]]:
-    """The rendered prompt (every turn before the final assistant turn + generation prompt) and its images.
-
-    Args:
-        processor: A :class:`vl_model.VLProcessor` (its chat template and tokenizer).
-        sample: A suite sample (``messages`` with image / text items).
-        thinking: True opens a thinking response, False adds the empty think block, None: on when the
-            sample has a ``reasoning`` field.
-
-    Raises:
-        ValueError: The sample has no user turn, or holds a video (rollouts take images and text).
-    """
+def _render_prompt(
+    processor: Any, sample: Mapping[str, Any], thinking: bool | None
+) -> tuple[str, list[Any], list[tuple[Any, float | None]]]:
+    """``(prompt, images, [(video, fps), ...])``: the chat-template prompt and its media in order."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     messages = list(sample.get("messages", []))
@@ -114,6 +106,7 @@ def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None
     if not any(m["role"] == "user" for m in messages):
         raise ValueError(f"sample {sample.get('id')!r} has no user turn to prompt with")
     images: list[Any] = []
+    videos: list[tuple[Any, float | None]] = []
     turns = []
     for message in messages:
         content = message["content"]
@@ -123,11 +116,14 @@ def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None
                 if item["type"] == "image":
                     images.append(item["image"])
                     items.append({"type": "image"})
+                elif item["type"] == "video":
+                    videos.append((item["video"], item.get("fps")))
+                    items.append({"type": "video"})
                 elif item["type"] == "text":
                     items.append({"type": "text", "text": item["text"]})
                 else:
                     raise ValueError(
-                        f"sample {sample.get('id')!r}: rollouts take image and text items, got {item['type']!r}"
+                        f"sample {sample.get('id')!r}: rollouts take image, video and text items, got {item['type']!r}"
                     )
             content = items
         turns.append({"role": message["role"], "content": content})
@@ -139,13 +135,45 @@ def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None
         **kwargs,
         **processor.tokenizer.special_tokens_map,
     )
-    return str(rendered[0]), images
+    return str(rendered[0]), images, videos
+
+
+def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None = None) -> tuple[str, list[Any]]:
+    """The rendered prompt (every turn before the final assistant turn + generation prompt) and its images.
+
+    Args:
+        processor: A :class:`vl_model.VLProcessor` (its chat template and tokenizer).
+        sample: A suite sample (``messages`` with image / text items).
+        thinking: True opens a thinking response, False adds the empty think block, None: on when the
+            sample has a ``reasoning`` field.
+
+    Raises:
+        ValueError: The sample has no user turn, or holds a video (this returns images only; use
+            :func:`encode_prompt`, which takes videos too).
+    """
+    text, images, videos = _render_prompt(processor, sample, thinking)
+    if videos:
+        raise ValueError(
+            f"sample {sample.get('id')!r} holds a video: prompt_text returns text and images only "
+            "(encode_prompt, used by the HF and tool engines, takes videos)"
+        )
+    return text, images
 
 
 def encode_prompt(processor: Any, sample: Mapping[str, Any], thinking: bool | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs of one prompt: ``input_ids [1, P_i]``, ``mm_token_type_ids`` and its images' pixels and grids."""
-    text, images = prompt_text(processor, sample, thinking)
-    enc = processor(text=[text], images=images or None, add_special_tokens=False)
+    """Model inputs of one prompt: ``input_ids [1, P_i]``, ``mm_token_type_ids`` and its images' and videos' pixels and grids.
+
+    Video items (``{"type": "video", "video": frames, "fps": source_rate}``) are sampled by the
+    processor as in training, so a rollout sees the same frames and timestamps the SFT data did.
+    """
+    text, images, videos = _render_prompt(processor, sample, thinking)
+    enc = processor(
+        text=[text],
+        images=images or None,
+        videos=[v for v, _ in videos] or None,
+        video_fps=[fps for _, fps in videos] if videos else None,
+        add_special_tokens=False,
+    )
     keys = ("input_ids", "mm_token_type_ids", *_VISUAL_KEYS)
     return {k: torch.as_tensor(enc[k]) for k in keys if k in enc and enc[k] is not None}
 
