@@ -10,7 +10,7 @@ import torch
 from _rl_helpers import ScriptedModel, ids, one_thread, samples, tiny
 from PIL import Image
 
-from vl_rl.rollout import rollout_logprobs
+from vl_rl.rollout import DEFAULT_ANSWER_CUE, rollout_logprobs
 from vl_rl.tools import ToolError, ToolRolloutEngine, crop, parse_tool_call, zoom
 
 CALL = '<tool_call>{"name": "crop", "bbox_2d": [0, 0, 500, 1000]}</tool_call>'
@@ -102,6 +102,44 @@ def test_malformed_call_gets_an_error_turn_not_a_crash(policy: tuple[Any, Any]) 
     assert "Error: tool call is not valid JSON" in out.texts[0] and out.texts[0].endswith("1")
     engine, _ = _engine(processor, ['<tool_call>{"name": "rotate"}</tool_call>', "1"])
     assert "unknown tool 'rotate'" in engine.generate(samples(1), 1).texts[0]
+
+
+def test_video_prompt_keeps_its_frames_and_a_tool_call_gets_an_error_turn(policy: tuple[Any, Any]) -> None:
+    model, processor = policy
+    engine, fake = _engine(processor, [CALL, "1"], max_turns=2)
+    out = engine.generate(samples(1, tasks=("video_move",)), 2)
+    assert out.tool_calls == [1, 1] and out.videos_per_row == [1, 1] and out.images_per_row == [0, 0]
+    assert "no image to use the tool on" in out.texts[0] and out.texts[0].endswith("1")
+    assert fake.calls[1]["video_grid_thw"].shape[0] == 2  # the second turn still sees the video
+    grids = out.model_inputs["video_grid_thw"]
+    assert int((out.sequences == model.config.video_token_id).sum()) == int(grids.prod(-1).sum()) // 4
+    with torch.no_grad():
+        lp, _ = rollout_logprobs(model, out.sequences, out.model_inputs, out.prompt_length)
+    assert torch.isfinite(lp[out.completion_mask]).all()
+
+
+def test_thinking_truncated_after_a_tool_turn_gets_a_forced_answer_with_the_tool_image(
+    policy: tuple[Any, Any],
+) -> None:
+    _, processor = policy
+    eos = processor.tokenizer.eos_token_id
+    call = [*ids(processor, CALL), eos]
+    think = ids(processor, "<think>\n" + "the left half shows two stars " * 8)[: len(call)]
+    cue = ids(processor, DEFAULT_ANSWER_CUE)
+    script = lambda k, x: [[call, think, [*ids(processor, "2"), eos]][min(k, 2)]] * x.shape[0]
+    fake = ScriptedModel(script)
+    engine = ToolRolloutEngine(fake, processor, max_new_tokens=len(call), thinking=True, answer_tokens=4)
+    out = engine.generate(samples(1), 1)
+    assert len(fake.calls) == 3 and fake.calls[2]["max_new_tokens"] == 4
+    assert fake.calls[2]["input_ids"][0].tolist()[-len(cue) - len(think) :] == think + cue
+    assert fake.calls[2]["image_grid_thw"].shape[0] == 2  # the answer sees the question's image and the crop
+    assert out.truncated.tolist() == [True] and out.tool_calls == [1] and out.texts[0].endswith("</think>\n\n2")
+    mask = out.completion_mask[0, : int(out.model_inputs["attention_mask"][0, out.prompt_length :].sum())].tolist()
+    assert mask[-len(cue) - 2 :] == [False] * len(cue) + [True, True]  # cue masked, answer + EOS trained
+    fake2 = ScriptedModel(script)
+    no_force = ToolRolloutEngine(fake2, processor, max_new_tokens=len(call), thinking=True, force_answer=False)
+    unforced = no_force.generate(samples(1), 1)
+    assert unforced.texts[0].endswith(processor.tokenizer.decode(think)) and len(fake2.calls) == 2
 
 
 def test_turn_limit_and_no_call(policy: tuple[Any, Any]) -> None:

@@ -16,7 +16,7 @@ padding), ``T`` completion length (right padding), ``V`` vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -203,6 +203,17 @@ def collate_prompts(
         if parts:
             batch[key] = torch.cat(parts)
     return batch
+
+
+def _extended(prompt: Mapping[str, torch.Tensor], tail: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``prompt``'s inputs with text tokens ``tail`` appended (its pixels unchanged)."""
+    row = dict(prompt)
+    body = torch.tensor(list(tail), dtype=torch.long)
+    row["input_ids"] = torch.cat([prompt["input_ids"].reshape(-1), body])
+    types = prompt.get("mm_token_type_ids")
+    base = types.reshape(-1) if types is not None else prompt["input_ids"].reshape(-1) * 0
+    row["mm_token_type_ids"] = torch.cat([base, torch.zeros_like(body)])
+    return row
 
 
 def decode_response(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -477,30 +488,28 @@ class HFRolloutEngine:
                 trained.append([True] * len(kept))
                 truncated.append(cut)
         if self.force_answer and self.answer_tokens > 0:
-            self._force_answers(rows, length, completions, trained, truncated, greedy)
+            self._force_answers(lambda i, tail: _extended(rows[i], tail), completions, trained, truncated, greedy)
         return self.assemble(list(samples), group_size, rows, completions, trained, truncated)
 
     def _force_answers(
         self,
-        rows: list[dict[str, torch.Tensor]],
-        length: int,
+        context: Callable[[int, list[int]], dict[str, torch.Tensor]],
         completions: list[list[int]],
         trained: list[list[bool]],
         truncated: list[bool],
         greedy: bool,
     ) -> None:
-        """Close the open ``<think>`` of truncated rows and let them answer (in place)."""
+        """Close the open ``<think>`` of truncated rows and let them answer (in place).
+
+        ``context(i, tail)`` is row ``i``'s model inputs (prompt and any tool turns) ending in ``tail``.
+        """
         todo = [i for i, cut in enumerate(truncated) if cut and self._think_open(completions[i])]
         if not todo:
             return
         cue = list(self.processor.tokenizer.encode(self.answer_cue, add_special_tokens=False))
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            batch = collate_prompts([rows[i] for i in chunk], self.pad_id, length)
-            extra = torch.tensor([completions[i] + cue for i in chunk], dtype=torch.long)
-            batch["input_ids"] = torch.cat([batch["input_ids"], extra], 1)
-            batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1)
-            batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+            batch = collate_prompts([context(i, completions[i] + cue) for i in chunk], self.pad_id)
             out = self._generate(batch, self.answer_tokens, greedy)
             for i, ids in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
                 answer, _ = self._cut(ids)

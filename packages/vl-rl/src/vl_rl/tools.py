@@ -11,7 +11,9 @@ appended as a new user turn ``<tool_response>`` holding the image (new ``<|image
 values) and generation continues, up to ``max_turns`` tool calls. Tool turns are masked out of the loss
 (``completion_mask`` 0). A malformed call gets an error-message turn instead of an image, never a crash.
 
-Forced answers on truncation are not applied here (a truncated turn ends the row).
+A turn truncated inside an open ``<think>`` ends the row; with ``force_answer`` (on by default, as in
+:class:`~vl_rl.rollout.HFRolloutEngine`) the cue that closes the block is appended after the whole
+conversation so far, tool images included, and a short answer is generated (the cue masked out).
 
 Notation: ``R`` rows (``N * G``), boxes ``[x1, y1, x2, y2]`` in 0-1000 coordinates.
 """
@@ -130,7 +132,6 @@ class ToolRolloutEngine(HFRolloutEngine):
     ) -> None:
         if max_turns < 0:
             raise ValueError(f"max_turns must be >= 0, got {max_turns}")
-        kwargs["force_answer"] = False
         super().__init__(model, processor, **kwargs)
         self.max_turns = max_turns
         self.tools = dict(DEFAULT_TOOLS if tools is None else tools)
@@ -227,4 +228,7 @@ class ToolRolloutEngine(HFRolloutEngine):
                         extra[i].append(response)
             if all(done):
                 break
+        if self.force_answer and self.answer_tokens > 0:
+            context = lambda i, tail: self._context(rows[i], tail, extra[i])
+            self._force_answers(context, completions, trained, truncated, greedy)
         return self.assemble(list(samples), group_size, rows, completions, trained, truncated, extra, calls)
