@@ -205,14 +205,19 @@ def collate_prompts(
     return batch
 
 
-def _extended(prompt: Mapping[str, torch.Tensor], tail: Sequence[int]) -> dict[str, torch.Tensor]:
-    """``prompt``'s inputs with text tokens ``tail`` appended (its pixels unchanged)."""
+def _extend_prompt(
+    prompt: Mapping[str, torch.Tensor], tail: Sequence[int], image_token_id: int
+) -> dict[str, torch.Tensor]:
+    """``prompt``'s inputs with tokens ``tail`` appended; image placeholders in ``tail`` get token type 1.
+
+    The pixels stay the prompt's: a caller whose ``tail`` holds new image turns adds their pixels.
+    """
     row = dict(prompt)
     body = torch.tensor(list(tail), dtype=torch.long)
     row["input_ids"] = torch.cat([prompt["input_ids"].reshape(-1), body])
     types = prompt.get("mm_token_type_ids")
     base = types.reshape(-1) if types is not None else prompt["input_ids"].reshape(-1) * 0
-    row["mm_token_type_ids"] = torch.cat([base, torch.zeros_like(body)])
+    row["mm_token_type_ids"] = torch.cat([base, (body == image_token_id).long()])
     return row
 
 
@@ -488,7 +493,8 @@ class HFRolloutEngine:
                 trained.append([True] * len(kept))
                 truncated.append(cut)
         if self.force_answer and self.answer_tokens > 0:
-            self._force_answers(lambda i, tail: _extended(rows[i], tail), completions, trained, truncated, greedy)
+            context = lambda i, tail: _extend_prompt(rows[i], tail, self.image_token_id)
+            self._force_answers(context, completions, trained, truncated, greedy)
         return self.assemble(list(samples), group_size, rows, completions, trained, truncated)
 
     def _force_answers(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .rollout import HFRolloutEngine, Rollout, collate_prompts, encode_prompt
+from .rollout import HFRolloutEngine, Rollout, _extend_prompt, collate_prompts, encode_prompt
 
 __all__ = ["DEFAULT_TOOLS", "ToolError", "ToolRolloutEngine", "crop", "parse_tool_call", "zoom"]
 
@@ -167,12 +167,7 @@ class ToolRolloutEngine(HFRolloutEngine):
     def _context(
         self, prompt: Mapping[str, torch.Tensor], ids: list[int], extra: list[dict[str, torch.Tensor]]
     ) -> dict:
-        row = dict(prompt)
-        body = torch.tensor(ids, dtype=torch.long)
-        row["input_ids"] = torch.cat([prompt["input_ids"].reshape(-1), body])
-        types = prompt.get("mm_token_type_ids")
-        base = types.reshape(-1) if types is not None else prompt["input_ids"].reshape(-1) * 0
-        row["mm_token_type_ids"] = torch.cat([base, (body == self.image_token_id).long()])
+        row = _extend_prompt(prompt, ids, self.image_token_id)
         if extra:
             row["pixel_values"] = torch.cat(
                 [t for t in [prompt.get("pixel_values")] if t is not None] + [e["pixel_values"] for e in extra]
