@@ -263,20 +263,18 @@ def test_from_siglip2_source() -> None:
     assert model(**image_batch()).logits.shape[-1] == VOCAB
 
 
-class _CoreLayout(nn.Module):
-    """Stand-in with the attribute layout of VLForConditionalGeneration."""
+def _core_model() -> nn.Module:
+    """A tiny core ``VLForConditionalGeneration`` (the other layout the part helpers take)."""
+    from _core_helpers import hf_config_dict
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = nn.Module()
-        self.model.visual = VisionTransformer(vision_config())
-        self.model.language_model = nn.Sequential(nn.Embedding(VOCAB, 32), nn.Linear(32, 32))
-        self.lm_head = nn.Linear(32, VOCAB, bias=False)
+    from vl_model import VLConfig, VLForConditionalGeneration
+
+    return VLForConditionalGeneration(VLConfig.from_qwen3_vl({**hf_config_dict(), "model_type": "qwen3_vl"}))
 
 
 @pytest.mark.parametrize("layout", ["composed", "core"])
 def test_freeze_helpers(layout: str) -> None:
-    model: nn.Module = tiny_model("qwen3", tie=True) if layout == "composed" else _CoreLayout()
+    model: nn.Module = tiny_model("qwen3", tie=True) if layout == "composed" else _core_model()
     total = trainable_parameters(model)
     assert set(total) == {"vision", "merger", "deepstack", "llm"}
     assert sum(total.values()) == sum(p.numel() for p in model.parameters())

@@ -6,6 +6,9 @@
 - ``VLProcessor``: tokenizer + vl-vision image/video processors, Qwen3-VL chat template (thinking modes).
 - ``compose`` / ``swap_language_model``: a VLM from our tower and any Hugging Face causal LM
   (``model_type="vl_composed"``); ``freeze`` / ``unfreeze`` / ``trainable_parameters`` by part.
+- ``TrainableVLM``: the interface both model classes implement and all training code uses
+  (``forward_hidden``, ``output_weight``, ``decoder_layers``, ``vision_tower``, ``part_modules``,
+  ``moe_routing``).
 
 ``import vl_model`` registers ``model_type="vl"`` and ``"vl_composed"`` with transformers' Auto classes.
 """
@@ -17,6 +20,7 @@ from .configuration import VLConfig, VLTextConfig, VLVisionConfig
 from .modeling import VLForConditionalGeneration, VLModel, VLPreTrainedModel
 from .parts import PARTS, freeze, part_parameters, trainable_parameters, unfreeze
 from .processing import VLProcessor
+from .runtime import HiddenStates, MoERouting, TrainableVLM
 from .text import VLTextModel
 
 __version__ = "0.1.0"
@@ -25,6 +29,9 @@ __all__ = [
     "PARTS",
     "ComposedVLConfig",
     "ComposedVLForConditionalGeneration",
+    "HiddenStates",
+    "MoERouting",
+    "TrainableVLM",
     "VLConfig",
     "VLForConditionalGeneration",
     "VLModel",

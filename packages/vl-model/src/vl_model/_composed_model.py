@@ -27,6 +27,7 @@ from vl_vision import VisionTransformer
 
 from ._composed_config import ComposedVLConfig
 from ._composed_hooks import DeepStackInjector, MRoPERotary, decoder_layers, install_mrope
+from .runtime import HiddenStates, MoERouting, check_part, moe_routing_of, segment_positions, tower_parts
 
 __all__ = ["ComposedVLForConditionalGeneration"]
 
@@ -211,6 +212,90 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             self._deepstack.features = features
             self._deepstack.positions = visual_mask.nonzero(as_tuple=True)  # type: ignore[assignment]
         return inputs_embeds
+
+    # ------------------------------------------------------------------ training interface (vl_model.runtime)
+
+    def forward_hidden(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        output_router_logits: bool = False,
+    ) -> HiddenStates:
+        """The LM decoder's last hidden states ``[B, L, D]`` (see ``vl_model.runtime.TrainableVLM``).
+
+        Packed rows (``segment_ids``): every sample's positions restart at 0 (MRoPE positions restart
+        too) and the padding mask is dropped, so the LM's own masking (transformers detects packed
+        samples from position restarts) keeps each sample's attention to itself, for every attention
+        implementation.
+        """
+        embeds = self._embed(input_ids, None, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        lm_positions = position_ids
+        if segment_ids is not None:
+            lm_positions, attention_mask = segment_positions(segment_ids), None
+        if self._mrope is not None:
+            if position_ids is not None and position_ids.ndim == 3:
+                lm_positions, self._mrope.positions = self._mrope_positions(
+                    input_ids, embeds, attention_mask, position_ids, None, image_grid_thw, video_grid_thw
+                )
+            else:
+                self._mrope.positions, _ = get_rope_index(
+                    input_ids,
+                    image_grid_thw=image_grid_thw,
+                    video_grid_thw=video_grid_thw,
+                    attention_mask=self._mask_2d(attention_mask),
+                    image_token_id=self.config.image_token_id,
+                    video_token_id=self.config.video_token_id,
+                    spatial_merge_size=self.visual.config.spatial_merge_size,
+                    segment_ids=segment_ids,
+                )
+        extra: dict[str, Any] = {"output_router_logits": True} if output_router_logits else {}
+        try:
+            out = self.get_decoder()(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=lm_positions,
+                use_cache=False,
+                **extra,
+            )
+        finally:
+            if self._mrope is not None:
+                self._mrope.positions = None
+            if not torch.is_grad_enabled():
+                self._deepstack.features, self._deepstack.positions = [], None
+        logits = getattr(out, "router_logits", None)
+        return HiddenStates(out.last_hidden_state, tuple(logits) if output_router_logits and logits else None)
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM's output projection ``[V, D]``."""
+        head = self.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(self.language_model).__name__} has no output embeddings (not a causal LM)")
+        return head.weight  # type: ignore[return-value]
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LM's decoder layers."""
+        return decoder_layers(self.language_model)
+
+    def vision_tower(self) -> nn.Module:
+        """Our vision tower (``blocks``, ``merger``, ``deepstack_merger_list``)."""
+        return self.visual
+
+    def part_modules(self, part: str) -> list[nn.Module | nn.Parameter]:
+        """The modules of one part (``llm``: the whole causal LM, its head included)."""
+        check_part(part)
+        return [self.language_model] if part == "llm" else tower_parts(self.visual, part)
+
+    def moe_routing(self) -> MoERouting | None:
+        """The LM's MoE routing (``num_experts`` / ``num_experts_per_tok`` in its config), else ``None``."""
+        return moe_routing_of(self.language_model.config)
 
     # ------------------------------------------------------------------ forward
 

@@ -35,6 +35,7 @@ from ._inputs import (
     segments_from_cu_seqlens,
 )
 from .configuration import VLConfig
+from .runtime import CoreRuntime
 from .text import VISION_ATTN, VLPreTrainedModel, VLTextModel
 
 __all__ = ["VLCausalLMOutput", "VLForConditionalGeneration", "VLModel", "VLModelOutput", "VLPreTrainedModel"]
@@ -236,7 +237,7 @@ class VLModel(VLPreTrainedModel):
         )
 
 
-class VLForConditionalGeneration(VLPreTrainedModel, GenerationMixin):
+class VLForConditionalGeneration(CoreRuntime, VLPreTrainedModel, GenerationMixin):
     """``VLModel`` + ``lm_head``: the Hugging Face image-text-to-text model (generate, loss, Auto classes)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}  # noqa: RUF012

@@ -1,17 +1,13 @@
 """Freeze and unfreeze a VLM by part, for staged training (REFERENCE.md section 4).
 
 Qwen3-VL's stage S0 trains the merger only (vision tower and LLM frozen); later stages train
-everything; adapter transfer (Skywork-R1V) trains the merger against a frozen LLM. These
-helpers work on both layouts of this package:
-
-- the core ``VLForConditionalGeneration``: ``model.model.visual``, ``model.model.language_model``,
-  ``model.lm_head``;
-- the composed ``ComposedVLForConditionalGeneration``: ``model.visual``, ``model.language_model``
-  (a full causal LM, its ``lm_head`` included).
+everything; adapter transfer (Skywork-R1V) trains the merger against a frozen LLM. The parts come
+from the model itself (``part_modules`` of :class:`vl_model.runtime.TrainableVLM`), so the core
+``VLForConditionalGeneration`` and the composed model work alike.
 
 Parts: ``"vision"`` (patch and position embeddings, blocks), ``"merger"`` (the merge head:
 ``merger``, plus ``post_layernorm`` / ``downsample`` of a GLM tower), ``"deepstack"`` (the
-DeepStack mergers), ``"llm"`` (the language model, ``lm_head`` included). Parameters added later
+DeepStack mergers), ``"llm"`` (the language model, its output head included). Parameters added later
 inside a part (e.g. LoRA adapters in the LLM) belong to that part.
 """
 
@@ -21,27 +17,9 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
+from .runtime import PARTS
+
 __all__ = ["PARTS", "freeze", "part_parameters", "trainable_parameters", "unfreeze"]
-
-PARTS = ("vision", "merger", "deepstack", "llm")
-
-_MERGE_HEAD = ("merger", "post_layernorm", "downsample")
-
-
-def _layout(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module | None]:
-    """``(visual, language_model, lm_head or None)`` of either layout."""
-    visual, lm = getattr(model, "visual", None), getattr(model, "language_model", None)
-    if isinstance(visual, nn.Module) and isinstance(lm, nn.Module):
-        return visual, lm, None
-    inner = getattr(model, "model", None)
-    visual, lm = getattr(inner, "visual", None), getattr(inner, "language_model", None)
-    head = getattr(model, "lm_head", None)
-    if isinstance(visual, nn.Module) and isinstance(lm, nn.Module):
-        return visual, lm, head if isinstance(head, nn.Module) else None
-    raise TypeError(
-        f"{type(model).__name__} has neither `.visual` + `.language_model` (composed model) nor "
-        "`.model.visual` + `.model.language_model` (VLForConditionalGeneration)"
-    )
 
 
 def _check_parts(parts: str | Iterable[str]) -> list[str]:
@@ -53,18 +31,13 @@ def _check_parts(parts: str | Iterable[str]) -> list[str]:
 
 
 def _modules(model: nn.Module, part: str) -> list[nn.Module | nn.Parameter]:
-    visual, lm, head = _layout(model)
-    if part == "llm":
-        return [lm] if head is None else [lm, head]
-    if part == "deepstack":
-        ds = getattr(visual, "deepstack_merger_list", None)
-        return [ds] if isinstance(ds, nn.Module) else []
-    if part == "merger":
-        return [m for name in _MERGE_HEAD if isinstance(m := getattr(visual, name, None), nn.Module)]
-    skip = {"deepstack_merger_list", *_MERGE_HEAD}
-    out: list[nn.Module | nn.Parameter] = [child for name, child in visual.named_children() if name not in skip]
-    out.extend(p for _, p in visual.named_parameters(recurse=False))
-    return out
+    modules = getattr(model, "part_modules", None)
+    if not callable(modules):
+        raise TypeError(
+            f"{type(model).__name__} has no part_modules(): parts are defined for the models of vl_model "
+            "(VLForConditionalGeneration, ComposedVLForConditionalGeneration; see vl_model.runtime)"
+        )
+    return list(modules(part))
 
 
 def part_parameters(model: nn.Module, part: str) -> Iterator[nn.Parameter]:
