@@ -155,17 +155,13 @@ def _text_labels(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _trainer(model: torch.nn.Module, batch: dict[str, torch.Tensor], out: Path, **overrides: Any) -> Any:
-    from vl_train.config import TrainConfig
+    from vl_train.config import OptimConfig, TrainConfig
     from vl_train.trainer import Trainer
 
     config = TrainConfig(
-        lr=LR,
-        betas=(0.9, 0.999),
-        warmup_steps=0,
+        optim=OptimConfig(lr=LR, betas=(0.9, 0.999), warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=None),
         max_steps=1000,
-        min_lr_ratio=1.0,
         loss_reduction="token",
-        max_grad_norm=None,
         bf16=False,
         progress=False,
         tensorboard=False,

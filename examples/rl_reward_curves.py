@@ -27,42 +27,48 @@ import torch
 from vl_rl.config import RLConfig
 from vl_rl.evaluate import evaluate
 from vl_rl.trainer import RLTrainer
-from vl_train.cli import build_model
-from vl_train.cli import main as vl_train_main
+from vl_train import Trainer, stage
+from vl_train.builders import build_data, build_model
 from vl_train.data.synthetic import SyntheticDataset, verify
+from vl_train.testing import TINY_TEXT, TINY_VISION
 
 IMAGES = (48, 64)
 
 
 def sft_model(out: Path, steps: int) -> Path:
-    """Run (once) the demo SFT recipe on counting only; return the model folder."""
+    """SFT (once) a fresh tiny model on counting only; return the run folder (its ``model/`` holds the result)."""
     folder = out / "sft"
     if not (folder / "model" / "config.json").is_file():
-        overrides = {
-            "model.init_from": '""',
-            "model.max_pixels": "4096",
-            "data.tasks": '["count"]',
-            "data.thinking": "0.0",
-            "data.size": "2000",
-            "data.image_size_range": f"[{IMAGES[0]}, {IMAGES[1]}]",
-            "train.max_steps": str(steps),
-            "train.lr": "2e-3",
-            "train.lr_vision": "2e-3",
-            "train.warmup_steps": "5",
-            "train.micro_batch_size": "4",
-            "train.save_every": "0",
+        model, processor = build_model(
+            {"tokenizer": "demo", "max_pixels": 4096, "text": TINY_TEXT, "vision": TINY_VISION}
+        )
+        config = stage("SFT").replace(
+            optim={"lr": 2e-3, "lr_vision": 2e-3, "warmup_steps": 5},
+            max_steps=steps,
+            max_length=512,
+            micro_batch_size=4,
+            activation_checkpointing=False,
+            save_every=0,
+            progress=False,
+            tensorboard=False,
+            output_dir=str(folder),
+        )
+        data = {
+            "kind": "synthetic",
+            "tasks": ["count"],
+            "thinking": 0.0,
+            "size": 2000,
+            "image_size_range": list(IMAGES),
         }
-        argv = ["demo_sft", "--output", str(folder)]
-        for key, value in overrides.items():
-            argv += ["--set", f"{key}={value}"]
-        print("vl-train", " ".join(argv))
-        if vl_train_main(argv) != 0:
-            raise SystemExit("SFT failed")
+        print(f"SFT on counting: {steps} steps into {folder}")
+        Trainer(model, config, build_data(data, processor, config)).train()
+        model.save_pretrained(str(folder / "model"))
+        processor.save_pretrained(str(folder / "model"))
     return folder
 
 
 def load(folder: Path) -> tuple[Any, Any]:
-    return build_model({"init_from": str(folder), "tokenizer": "demo", "max_pixels": 4096})
+    return build_model({"init_from": str(folder), "max_pixels": 4096})
 
 
 def run(method: str, seed: int, args: argparse.Namespace, sft: Path, held: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,8 +79,7 @@ def run(method: str, seed: int, args: argparse.Namespace, sft: Path, held: list[
         group_size=args.group_size,
         prompts_per_step=args.prompts,
         mini_batches=2,
-        lr=args.lr,
-        warmup_steps=2,
+        optim={"lr": args.lr, "warmup_steps": 2},
         max_new_tokens=4,
         temperature=1.0,
         thinking=False,

@@ -14,11 +14,11 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
-from transformers.utils.chat_template_utils import render_jinja_template
 
+from vl_train.data.messages import prompt_inputs
 from vl_train.data.synthetic import verify
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "evaluate_samples",
     "generate_answers",
     "majority_baseline",
-    "render_prompt",
 ]
 
 CHANCE: dict[str, float] = {
@@ -100,48 +99,6 @@ class EvalSummary:
     scores: list[float] = field(default_factory=list)
 
 
-def render_prompt(processor: Any, sample: Mapping[str, Any], *, thinking: bool) -> tuple[str, list[Any], list[Any]]:
-    """The chat-template prompt of ``sample`` with its images and videos (``(text, images, videos)``).
-
-    The final assistant turn, if any, is dropped; ``thinking=False`` ends the prompt with the empty
-    ``<think></think>`` block so the model answers directly.
-
-    Raises:
-        ValueError: A sample without messages.
-    """
-    messages = list(sample.get("messages") or [])
-    if not messages:
-        raise ValueError(f"sample {sample.get('id', '?')!r} has no messages")
-    if messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    images: list[Any] = []
-    videos: list[Any] = []
-    turns = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            items = []
-            for item in content:
-                if item["type"] == "image":
-                    images.append(item["image"])
-                    items.append({"type": "image"})
-                elif item["type"] == "video":
-                    videos.append((item["video"], item.get("fps")))
-                    items.append({"type": "video"})
-                else:
-                    items.append({"type": "text", "text": item["text"]})
-            content = items
-        turns.append({"role": message["role"], "content": content})
-    rendered, _ = cast(Any, render_jinja_template)(
-        conversations=[turns],
-        chat_template=processor.chat_template,
-        add_generation_prompt=True,
-        enable_thinking=thinking,
-        **processor.tokenizer.special_tokens_map,
-    )
-    return str(rendered[0]), images, videos
-
-
 def _decode(tokenizer: Any, row: torch.Tensor, stop: set[int]) -> str:
     ids = row.tolist()
     end = next((k for k, t in enumerate(ids) if t in stop), len(ids))
@@ -161,24 +118,8 @@ def generate_answers(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not samples:
         raise ValueError("generate_answers needs at least one sample")
-    texts, images, videos = [], [], []
-    for sample in samples:
-        text, imgs, vids = render_prompt(processor, sample, thinking=thinking)
-        texts.append(text)
-        images += imgs
-        videos += vids
     tok = processor.tokenizer
-    enc = processor(
-        text=texts,
-        images=images or None,
-        videos=[v for v, _ in videos] or None,
-        video_fps=[r for _, r in videos] if videos else None,
-        padding=True,
-        padding_side="left",
-        return_tensors="pt",
-        add_special_tokens=False,
-    )
-    inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    inputs = processor.pad_prompts([prompt_inputs(processor, s, thinking=thinking) for s in samples])
     was_training = model.training
     model.eval()
     try:

@@ -1,6 +1,6 @@
 """The demo's model and supervised stages: a tiny Qwen3-VL-style model trained (V0 ->) S0 -> S1 -> SFT.
 
-The model is built from the suite's parts by ``vl_train.cli.build_model`` (vision tower + merger +
+The model is built from the suite's parts by ``vl_train.builders.build_model`` (vision tower + merger +
 DeepStack + interleaved-MRoPE decoder, optionally with MoE text layers) with the demo tokenizer. Each
 stage is a ``vl_train.stages`` preset with the demo's settings applied, trained by ``vl_train.Trainer``
 on a ``MixtureSampler`` of per-task ``SyntheticDataset`` sources (counting and colour weighted up,
@@ -21,9 +21,10 @@ from demo_vision import TowerSpec
 
 from vl_model.parts import PARTS, unfreeze
 from vl_train import Trainer
-from vl_train.cli import build_data, build_model
+from vl_train.builders import build_data, build_model
 from vl_train.data.synthetic import TASK_NAMES
 from vl_train.stages import stage
+from vl_train.testing import TINY_TEXT, TINY_VISION
 
 __all__ = [
     "DEFAULT_MIXTURE",
@@ -134,7 +135,7 @@ _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128
 
 def build_demo_model(settings: DemoSettings) -> tuple[Any, Any]:
     """``(model, processor)``: a fresh tiny model (MoE text layers with ``settings.moe``) and the demo processor."""
-    text = dict(settings.text)
+    text = {**TINY_TEXT, **settings.text}
     if settings.moe:
         text.update(_MOE)
     section = {
@@ -142,7 +143,7 @@ def build_demo_model(settings: DemoSettings) -> tuple[Any, Any]:
         "seed": settings.seed,
         "max_pixels": settings.max_pixels,
         "text": text,
-        "vision": dict(settings.vision),
+        "vision": {**TINY_VISION, **settings.vision},
     }
     return build_model(section)
 
@@ -196,16 +197,18 @@ def run_stage(
     """
     index = [s.name for s in settings.stages].index(spec.name) if spec in settings.stages else 0
     config = stage(spec.name).replace(
-        lr=spec.lr,
-        lr_vision=spec.lr_vision if spec.lr_vision is not None else spec.lr,
-        lr_merger=spec.lr_merger,
+        optim={
+            "lr": spec.lr,
+            "lr_vision": spec.lr_vision if spec.lr_vision is not None else spec.lr,
+            "lr_merger": spec.lr_merger,
+            "warmup_steps": min(spec.warmup_steps, spec.steps - 1),
+            "weight_decay": 0.0,
+        },
         max_steps=spec.steps,
-        warmup_steps=min(spec.warmup_steps, spec.steps - 1),
         max_length=settings.max_length,
         micro_batch_size=settings.micro_batch_size,
         packing=settings.packing,
         activation_checkpointing=False,
-        weight_decay=0.0,
         seed=settings.seed,
         output_dir=str(output_dir),
         save_every=0,

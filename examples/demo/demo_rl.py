@@ -278,7 +278,7 @@ def run_rl(
             method=spec.method,
             group_size=spec.group_size,
             prompts_per_step=spec.prompts_per_step,
-            lr=spec.lr,
+            optim={"lr": spec.lr},
             temperature=spec.temperature,
             max_new_tokens=spec.max_new_tokens,
             thinking=False,

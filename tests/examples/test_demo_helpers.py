@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, majority_baseline, render_prompt
+from demo_eval import CHANCE, chance_level, evaluate_samples, generate_answers, majority_baseline
 from demo_pipeline import DemoSettings, StageSpec, build_demo_model, default_stages, run_stage
 from demo_report import QA, accuracy_table, plot_rewards, plot_stage_losses, write_report
 from demo_rl import RLRun, RLSpec, SeedRun, record_rewards, rl_available, run_rl, standard_error_over_prompts
 
+from vl_train.data.messages import prompt_inputs
 from vl_train.data.synthetic import TASK_NAMES, SyntheticDataset, verify
-from vl_train.teacher import prompt_inputs
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +42,15 @@ def test_chance_levels_cover_every_task_and_reject_unknown_ones() -> None:
         chance_level("nope")
 
 
-def test_render_prompt_drops_the_answer_and_switches_thinking(tiny: tuple[Any, Any]) -> None:
-    _, processor = tiny
-    sample = _samples(1)[0]
-    off, images, videos = render_prompt(processor, sample, thinking=False)
-    on, _, _ = render_prompt(processor, sample, thinking=True)
-    answer = sample["messages"][-1]["content"][0]["text"]
-    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert on.endswith("<|im_start|>assistant\n")
-    assert not off.endswith(answer) and len(images) == 1 and videos == []
-    with pytest.raises(ValueError, match="has no messages"):
-        render_prompt(processor, {"id": "x", "messages": []}, thinking=False)
-
-
 def test_batched_answers_equal_one_at_a_time_generation(tiny: tuple[Any, Any]) -> None:
-    """Independent reference: ``vl_train.teacher.prompt_inputs`` + ``generate`` per sample, no padding."""
+    """Reference: each prompt alone (``prompt_inputs`` + ``generate``), no padding."""
     model, processor = tiny
     samples = _samples(4)
     batched = generate_answers(model, processor, samples, max_new_tokens=5, thinking=True)
     tok = processor.tokenizer
     stop = {tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     for sample, answer in zip(samples, batched):
-        inputs = prompt_inputs(processor, sample)
+        inputs = prompt_inputs(processor, sample, thinking=True)
         out = model.generate(
             **inputs,
             max_new_tokens=5,

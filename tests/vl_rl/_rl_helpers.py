@@ -13,13 +13,15 @@ import torch
 pytest.importorskip("vl_train", reason="needs vl-rl[train] (vl-train, vl-model) for rollouts and the trainer")
 pytest.importorskip("vl_model", reason="needs vl-rl[train] (vl-train, vl-model) for rollouts and the trainer")
 
-from vl_train.cli import build_model
+from vl_train.builders import build_model
 from vl_train.data.synthetic import SyntheticDataset
+from vl_train.testing import TINY_TEXT, TINY_VISION
 
 TINY_MODEL: dict[str, Any] = {
     "tokenizer": "demo",
     "seed": 0,
     "text": {
+        **TINY_TEXT,
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 1,
@@ -28,7 +30,14 @@ TINY_MODEL: dict[str, Any] = {
         "head_dim": 16,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
     },
-    "vision": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "deepstack_visual_indexes": [0]},
+    "vision": {
+        **TINY_VISION,
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "deepstack_visual_indexes": [0],
+    },
     "min_pixels": 1024,
     "max_pixels": 4096,
 }

@@ -23,7 +23,7 @@ def _single_thread() -> Iterator[None]:
 
 def _tiny_overrides() -> list[str]:
     text, vision = TINY_MODEL["text"], TINY_MODEL["vision"]
-    sets = ['model.init_from=""', "model.max_pixels=4096", "model.min_pixels=1024"]
+    sets = ['model.init_from=""', 'model.tokenizer="demo"', "model.max_pixels=4096", "model.min_pixels=1024"]
     sets += [f"model.text.{k}={json.dumps(v)}" for k, v in text.items() if k != "rope_parameters"]
     sets += [f"model.vision.{k}={json.dumps(v)}" for k, v in vision.items()]
     rope = '{ rope_type = "default", rope_theta = 10000.0, mrope_section = [4, 2, 2] }'
@@ -53,7 +53,7 @@ def test_unknown_keys_are_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="reward kind"):
         resolve_config({**recipe, "reward": {"kind": "judge"}})
     assert main(["demo_sapo", "--set", "rl.nope=1", "--dry-run"]) == 2
-    assert "unknown RL config keys ['nope']" in capsys.readouterr().err
+    assert "unknown RLConfig keys ['nope']" in capsys.readouterr().err
     assert main(["no_such_recipe"]) == 2
     assert "packaged: ['demo_gspo', 'demo_sapo']" in capsys.readouterr().err
 

@@ -208,7 +208,7 @@ def test_bad_input(policy: tuple[Any, Any]) -> None:
     with pytest.raises(ValueError, match="no user turn"):
         engine.generate([{"id": "x", "messages": [{"role": "assistant", "content": "hi"}]}], 1)
     audio = {"id": "a", "messages": [{"role": "user", "content": [{"type": "audio", "audio": []}]}]}
-    with pytest.raises(ValueError, match="rollouts take image, video and text items, got 'audio'"):
+    with pytest.raises(ValueError, match="message 0 item 0: expected an image, video or text item"):
         engine.generate([audio], 1)
     with pytest.raises(ValueError, match="holds a video: prompt_text returns text and images only"):
         prompt_text(processor, samples(1, tasks=("video_move",))[0])

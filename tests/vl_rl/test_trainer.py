@@ -39,13 +39,14 @@ def config(tmp_path: Path, **overrides: Any) -> RLConfig:
         max_new_tokens=4,
         thinking=False,
         max_steps=1,
-        lr=1e-2,
         eval_every=0,
         output_dir=str(tmp_path / "run"),
         progress=False,
         plot=False,
     )
-    return RLConfig(**{**base, **overrides})
+    merged = {**base, **overrides}
+    lr = merged.pop("lr", 1e-2)
+    return RLConfig(**merged, optim={"lr": lr})
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -148,11 +149,13 @@ def test_group_of_one_or_equal_rewards_gives_zero_advantage(tmp_path: Path, grou
     before = weights(model)
     cfg = config(tmp_path, group_size=group_size, mini_batches=1)
     trainer = RLTrainer(model, processor, cfg, samples(2), length_reward if group_size == 1 else lambda s, r: 0.5)
-    result = trainer.train()
+    with pytest.warns(RuntimeWarning, match="1 of 1 RL steps had no learning signal"):
+        result = trainer.train()
+    assert result.no_signal_steps == 1
     assert torch.equal(trainer.advantages(torch.tensor([[1.0, 1.0, 1.0]])), torch.zeros(1, 3))
     assert torch.equal(trainer.advantages(torch.tensor([[0.3], [0.9]])), torch.zeros(2, 1))
     record = result.records[0]
-    assert record["skipped"] is True and "loss" not in record
+    assert record["no_signal"] is True and record["skipped"] is False and "loss" not in record
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(v == v for v in record.values() if isinstance(v, float))  # no NaN anywhere
 
@@ -224,8 +227,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     class Killed(Exception):
         pass
 
-    def kill(trainer: RLTrainer, step: int, record: dict[str, Any]) -> None:
-        if step == 3:
+    def kill(trainer: RLTrainer, record: dict[str, Any]) -> None:
+        if record["step"] == 3:
             raise Killed
 
     model_b, _ = tiny()
@@ -247,7 +250,7 @@ def test_filtering_dynamic_sampling_and_kl(tmp_path: Path) -> None:
     model, processor = tiny()
     solved = RLTrainer(model, processor, config(tmp_path, filter_solved=0.9), samples(4), lambda s, r: 1.0)
     record = solved.train().records[0]
-    assert record["groups_filtered"] == 2 and record["skipped"] is True
+    assert record["groups_filtered"] == 2 and record["no_signal"] is True
     dyn = RLTrainer(
         model, processor, config(tmp_path, dynamic_sampling=True, max_sample_rounds=3), samples(6), length_reward
     )

@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("vl_train", reason="RLConfig builds on vl-train's RunConfig (vl-rl[train])")
+
 from vl_rl.config import RLConfig
 
 
@@ -15,7 +17,9 @@ def test_defaults_and_round_trip() -> None:
     assert config.filter_solved is None and config.dynamic_sampling is False
     again = RLConfig.from_dict(config.to_dict())
     assert again == config and isinstance(again.trainable, tuple)
-    assert config.replace(lr=3e-4, trainable=["llm"]).trainable == ("llm",)
+    changed = config.replace(optim={"lr": 3e-4}, trainable=["llm"])
+    assert changed.trainable == ("llm",) and changed.optim.lr == 3e-4 and changed.optim.min_lr_ratio == 1.0
+    assert config.optim.min_lr_ratio == 1.0 and config.trainable == ("merger", "deepstack", "llm")
 
 
 @pytest.mark.parametrize(
@@ -38,7 +42,7 @@ def test_bad_values_are_named(overrides: dict[str, Any], match: str) -> None:
 
 
 def test_unknown_keys_are_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown RL config keys \['learning_rate'\]"):
+    with pytest.raises(ValueError, match=r"unknown RLConfig keys \['learning_rate'\]"):
         RLConfig.from_dict({"learning_rate": 1e-5})
     with pytest.raises(ValueError, match="known keys are"):
         RLConfig().replace(grup_size=4)

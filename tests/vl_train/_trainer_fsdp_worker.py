@@ -20,21 +20,19 @@ from pathlib import Path
 import torch
 from _trainer_helpers import SyntheticBatches, tiny_model
 
-from vl_train.config import TrainConfig
+from vl_train.config import OptimConfig, TrainConfig
 
 ROWS, LENGTH, STEPS, ACCUM = 4, 16, 3, 2
 
 
 def config(output_dir: Path, moe: bool = False) -> TrainConfig:
-    """The run's settings (shared with the single-process reference); ``moe``: global-batch balance on."""
+    """The run's settings (shared with the single-process reference)."""
     return TrainConfig(
-        moe_aux_coef=0.5 if moe else 0.0,
         global_batch_balance=True,
         max_steps=STEPS,
         grad_accum_steps=ACCUM,
         micro_batch_size=ROWS,
-        lr=1e-3,
-        weight_decay=0.01,
+        optim=OptimConfig(lr=1e-3, weight_decay=0.01),
         loss_reduction="sqrt",
         loss_chunk_size=8,
         output_dir=str(output_dir),
@@ -76,7 +74,7 @@ def main(out_dir: str, stop: int = 0, resume: bool = False) -> None:
     r = rank()
     moe = os.environ.get("VL_TEST_MOE") == "1"
     trainer = Trainer(
-        tiny_model(moe=moe),
+        tiny_model(moe=moe, aux_coef=0.5 if moe else 0.0),
         config(Path(out_dir) / "run", moe),
         batches(r * per_rank, (r + 1) * per_rank),
         callbacks=[lambda t, record: record["step"] == stop],

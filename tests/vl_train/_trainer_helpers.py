@@ -55,10 +55,16 @@ def tiny_config_dict(moe: bool = False) -> dict[str, Any]:
     }
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False) -> VLForConditionalGeneration:
-    """A randomly initialised tiny ``VLForConditionalGeneration`` (same weights for the same seed)."""
+def tiny_model(
+    seed: int = 0, dtype: torch.dtype = torch.float32, moe: bool = False, aux_coef: float = 0.001
+) -> VLForConditionalGeneration:
+    """A randomly initialised tiny ``VLForConditionalGeneration`` (same weights for the same seed).
+
+    ``aux_coef``: the MoE balance-loss coefficient (the config's ``router_aux_loss_coef``).
+    """
     torch.manual_seed(seed)
     model = VLForConditionalGeneration(VLConfig.from_qwen3_vl(tiny_config_dict(moe)))
+    model.config.text_config.router_aux_loss_coef = aux_coef
     return model.to(dtype)
 
 
@@ -165,4 +171,10 @@ def quiet(**overrides: Any) -> dict[str, Any]:
         "loss_chunk_size": 64,
         "max_length": 64,
     }
-    return base | overrides
+    merged = base | overrides
+    optim = {k: merged.pop(k) for k in list(merged) if k in OPTIM_KEYS}
+    return merged | {"optim": optim}
+
+
+OPTIM_KEYS = {"lr", "lr_vision", "lr_merger", "lr_llm", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm"}
+"""``TrainConfig(**quiet(...))`` moves these into its ``optim`` section."""

@@ -16,7 +16,7 @@ import torch
 from _trainer_helpers import SyntheticBatches, quiet, tiny_model
 
 from vl_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint
-from vl_train.config import TrainConfig
+from vl_train.config import OptimConfig, TrainConfig
 from vl_train.optim import build_optimizer, build_scheduler
 from vl_train.trainer import Trainer
 
@@ -73,9 +73,9 @@ def test_resume_true_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
 
 def _parts(tmp_path: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
     model = tiny_model()
-    cfg = TrainConfig(max_steps=5)
+    cfg = OptimConfig()
     opt = build_optimizer(model, cfg)
-    return model, opt, build_scheduler(opt, cfg)
+    return model, opt, build_scheduler(opt, cfg, max_steps=5)
 
 
 def test_checkpoint_roundtrip_and_atomic_layout(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The vl-train CLI: recipes, overrides, unknown keys, model and data building, and the S0 -> S1 -> SFT chain."""
+"""The vl-train CLI, recipes (vl_train.recipe) and builders (vl_train.builders): overrides, unknown keys,
+model and data building, and the S0 -> S1 -> SFT chain."""
 
 from __future__ import annotations
 
@@ -10,17 +11,10 @@ import pytest
 import torch
 from _cli_helpers import write_recipe
 
-from vl_train.cli import (
-    apply_overrides,
-    build_data,
-    build_mixture,
-    build_model,
-    load_recipe,
-    main,
-    packaged_recipes,
-    resolve_config,
-)
-from vl_train.demo_tokenizer import SPECIAL_TOKENS, make_demo_tokenizer
+from vl_train.builders import build_data, build_mixture, build_model
+from vl_train.cli import main
+from vl_train.recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
+from vl_train.testing import SPECIAL_TOKENS, TINY_TEXT, TINY_VISION, make_demo_tokenizer
 
 DEMOS = ["demo_s0", "demo_s1", "demo_sft"]
 
@@ -41,7 +35,7 @@ def test_overrides() -> None:
     recipe = apply_overrides(
         load_recipe("demo_s0"),
         [
-            "train.lr=1e-4",
+            "optim.lr=1e-4",
             "data.size=20",
             "train.packing=false",
             "data.tasks=['count']",
@@ -49,20 +43,24 @@ def test_overrides() -> None:
             "model.text.hidden_size=32",
         ],
     )
-    assert recipe["train"]["lr"] == 1e-4 and recipe["data"]["size"] == 20 and recipe["data"]["tasks"] == ["count"]
+    assert recipe["optim"]["lr"] == 1e-4 and recipe["data"]["size"] == 20 and recipe["data"]["tasks"] == ["count"]
     assert recipe["train"]["packing"] is False and recipe["train"]["output_dir"] == "out/x"
     assert recipe["model"]["text"]["hidden_size"] == 32 and recipe["model"]["text"]["num_hidden_layers"] == 2
-    assert load_recipe("demo_s0")["train"]["lr"] == 5e-3  # the loaded recipe is not modified
+    assert load_recipe("demo_s0")["optim"]["lr"] == 5e-3  # the loaded recipe is not modified
     config = resolve_config(recipe, output="elsewhere")
-    assert config.lr == 1e-4 and not config.packing and config.output_dir == "elsewhere"
+    assert config.optim.lr == 1e-4 and config.optim.warmup_steps == 3
+    assert not config.packing and config.output_dir == "elsewhere"
     with pytest.raises(ValueError, match=r"section\.key=value"):
-        apply_overrides({}, ["train.lr"])
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ValueError, match=r"\['lr'\] are optimiser settings: put them in the \[optim\] section"):
+        resolve_config(apply_overrides(load_recipe("demo_s0"), ["train.lr=1e-4"]))
 
 
 @pytest.mark.parametrize(
     ("override", "named", "known"),
     [
         ("train.bogus=1", "bogus", "max_steps"),
+        ("optim.lr_tower=1", "lr_tower", "lr_vision"),
         ("model.hidden=3", "hidden", "init_from"),
         ("data.sizes=3", "sizes", "image_size_range"),
         ("optimizer=3", "optimizer", "train"),
@@ -129,11 +127,15 @@ def test_synthetic_source_passes_the_grid() -> None:
     assert len(sizes) > 1 and all(w % 32 == 0 and h % 32 == 0 for w, h in sizes)
 
 
-def test_init_from_loads_weights(tmp_path: Path) -> None:
-    model, _ = build_model({"text": {"hidden_size": 32, "intermediate_size": 64}})
+def test_init_from_loads_weights_and_processor(tmp_path: Path) -> None:
+    text = {**TINY_TEXT, "hidden_size": 32, "intermediate_size": 64}
+    model, processor = build_model({"tokenizer": "demo", "max_pixels": 9000, "text": text, "vision": TINY_VISION})
     model.save_pretrained(str(tmp_path / "run" / "model"))
-    loaded, processor = build_model({"init_from": str(tmp_path / "run")})
-    assert processor.image_processor.patch_size == 8
+    processor.save_pretrained(str(tmp_path / "run" / "model"))
+    loaded, reloaded = build_model({"init_from": str(tmp_path / "run")})
+    assert reloaded.image_processor.patch_size == 8 and reloaded.image_processor.max_pixels == 9000
+    assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert build_model({"init_from": str(tmp_path / "run"), "max_pixels": 4096})[1].image_processor.max_pixels == 4096
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -144,7 +146,23 @@ def test_recipe_file_with_sources(tmp_path: Path) -> None:
         """
 preset = "S1"
 [model]
+tokenizer = "demo"
 max_pixels = 4096
+[model.text]
+hidden_size = 32
+num_hidden_layers = 1
+num_attention_heads = 2
+num_key_value_heads = 1
+head_dim = 16
+intermediate_size = 64
+rope_parameters = { rope_type = "default", rope_theta = 10000.0, mrope_section = [4, 2, 2] }
+[model.vision]
+depth = 1
+hidden_size = 32
+intermediate_size = 64
+num_heads = 2
+patch_size = 8
+deepstack_visual_indexes = [0]
 [data.sources.vision]
 kind = "synthetic"
 size = 8
@@ -177,7 +195,6 @@ def test_python_m_vl_train() -> None:
 
 
 def test_demo_chain_s0_s1_sft(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("vl_train.trainer", reason="vl_train.trainer (the Trainer) is not written yet")
     quick = [
         "--set",
         "train.max_steps=3",

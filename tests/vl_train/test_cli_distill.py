@@ -9,11 +9,14 @@ import pytest
 import torch
 from _trainer_helpers import SyntheticBatches, concat_batches, quiet, tiny_model
 
-from vl_train.cli import build_model, load_recipe, main
+from vl_train.builders import build_model
+from vl_train.cli import main
 from vl_train.config import TrainConfig
 from vl_train.distill import off_policy_distill_loss
-from vl_train.distill_run import DistillTrainer, collate_prompts, teacher_spec
+from vl_train.distill_run import DistillTrainer, teacher_spec
+from vl_train.recipe import load_recipe
 from vl_train.stages import Distill, DistillSpec
+from vl_train.testing import TINY_TEXT, TINY_VISION
 
 QUICK = ["--set", "train.max_steps=2", "--set", "data.size=8", "--set", "train.save_every=0"]
 QUICK += ["--set", "train.plot=false", "--set", "teacher.max_new_tokens=4", "--set", "train.micro_batch_size=2"]
@@ -23,8 +26,9 @@ QUICK += ["--set", "train.plot=false", "--set", "teacher.max_new_tokens=4", "--s
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo-sized random teacher saved as a vl-train run folder (``run/model``)."""
     run = tmp_path_factory.mktemp("teacher")
-    model, _ = build_model({"tokenizer": "demo", "seed": 5})
+    model, processor = build_model({"tokenizer": "demo", "seed": 5, "text": TINY_TEXT, "vision": TINY_VISION})
     model.save_pretrained(str(run / "model"))
+    processor.save_pretrained(str(run / "model"))
     return run
 
 
@@ -44,8 +48,8 @@ def test_demo_distill_recipe_runs(
     assert all(isinstance(r["loss"], float) and not r["skipped"] for r in records)
     assert (out / "model" / "config.json").is_file()
     meta = json.loads((out / "checkpoint-00000002" / "meta.json").read_text())
-    assert meta["extra"]["config"]["extra"]["distill"]["mode"] == mode
-    assert meta["extra"]["config"]["extra"]["distill"]["loss"] == loss
+    assert meta["extra"]["config"]["distill"]["mode"] == mode
+    assert meta["extra"]["config"]["distill"]["loss"] == loss
     if mode == "off_policy" and loss == "ce":  # the teacher wrote the training data
         lines = (out / "teacher_data" / "teacher_data.jsonl").read_text().splitlines()
         assert len(lines) == 4 and all("teacher" in json.loads(line) for line in lines)
@@ -85,18 +89,6 @@ def test_packaged_distill_recipe_is_on_policy() -> None:
     assert teacher_spec({"model": "x", "mode": "off_policy"}, DistillSpec(mode="on_policy", loss="jsd")).loss == "ce"
 
 
-def test_collate_prompts_left_pads() -> None:
-    a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-    b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-    out = collate_prompts([a, b], pad_token_id=0)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="at least one prompt"):
-        collate_prompts([], 0)
-    with pytest.raises(ValueError, match=r"prompts \[0\] are not single rows"):
-        collate_prompts([{"input_ids": torch.zeros(2, 3, dtype=torch.long)}], 0)
-
-
 def test_off_policy_kl_over_micro_batches_equals_one_big_batch(tmp_path: Path) -> None:
     # DistillTrainer (teacher logits at labelled targets, global normaliser) vs the full-logits layout on one batch
     source = SyntheticBatches(seed=4, rows=2, length=16)
@@ -123,7 +115,7 @@ def test_off_policy_kl_over_micro_batches_equals_one_big_batch(tmp_path: Path) -
 
 def test_distill_trainer_rejects_bad_setups(tmp_path: Path) -> None:
     cfg = TrainConfig(**quiet(output_dir=str(tmp_path)))
-    with pytest.raises(ValueError, match="no extra\\['distill'\\] spec"):
+    with pytest.raises(ValueError, match="no distillation spec"):
         DistillTrainer(tiny_model(), tiny_model(seed=1), cfg, [])
     with pytest.raises(ValueError, match="use Trainer"):
         DistillTrainer(tiny_model(), tiny_model(seed=1), Distill(**quiet(output_dir=str(tmp_path))), [])

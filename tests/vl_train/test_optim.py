@@ -10,7 +10,7 @@ import torch
 from _trainer_helpers import tiny_model
 
 from vl_model.parts import freeze, part_parameters
-from vl_train.config import TrainConfig
+from vl_train.config import OptimConfig
 from vl_train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
@@ -48,9 +48,9 @@ def test_lr_factor_bad_input() -> None:
 
 def test_scheduler_drives_every_group() -> None:
     model = tiny_model()
-    cfg = TrainConfig(lr=1e-3, lr_vision=1e-4, lr_merger=5e-3, warmup_steps=2, max_steps=6, min_lr_ratio=0.2)
+    cfg = OptimConfig(lr=1e-3, lr_vision=1e-4, lr_merger=5e-3, warmup_steps=2, min_lr_ratio=0.2)
     opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
+    sched = build_scheduler(opt, cfg, max_steps=6)
     for step in range(6):
         for group in opt.param_groups:
             want = cfg.part_lr(group["part"]) * reference_factor(step, 2, 6, 0.2)
@@ -62,7 +62,7 @@ def test_scheduler_drives_every_group() -> None:
 def test_param_groups_cover_trainable_once_with_part_rates() -> None:
     model = tiny_model()
     freeze(model, ["vision"])
-    cfg = TrainConfig(lr=1e-3, lr_merger=2e-3, lr_llm=3e-4, weight_decay=0.1)
+    cfg = OptimConfig(lr=1e-3, lr_merger=2e-3, lr_llm=3e-4, weight_decay=0.1)
     groups = param_groups(model, cfg)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
@@ -82,10 +82,10 @@ def test_nothing_trainable_is_an_error() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        param_groups(model, TrainConfig())
+        param_groups(model, OptimConfig())
 
 
 def test_adamw_settings() -> None:
-    opt = build_optimizer(tiny_model(), TrainConfig(betas=(0.8, 0.9), eps=1e-6))
+    opt = build_optimizer(tiny_model(), OptimConfig(betas=(0.8, 0.9), eps=1e-6))
     assert isinstance(opt, torch.optim.AdamW)
     assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in opt.param_groups)

@@ -19,13 +19,14 @@ def test_recipe_values() -> None:
     assert Distill().trainable == ("llm",)
     for config in STAGES.values():
         assert isinstance(config, TrainConfig) and config.loss_reduction == "sqrt"
-    assert S1.part_lr("vision") == pytest.approx(S1.lr / 10) and S1.part_lr("merger") == S1.lr
+    assert S1.optim.part_lr("vision") == pytest.approx(S1.optim.lr / 10) and S1.optim.part_lr("merger") == S1.optim.lr
 
 
 def test_compose_does_not_mutate() -> None:
-    short = S1.replace(max_steps=5, lr=5e-5)
-    assert short.max_steps == 5 and short.lr == 5e-5 and short.max_length == S1.max_length
-    assert S1.max_steps == 100_000 and S1.lr == 2e-5
+    short = S1.replace(max_steps=5, optim={"lr": 5e-5})
+    assert short.max_steps == 5 and short.optim.lr == 5e-5 and short.max_length == S1.max_length
+    assert short.optim.lr_vision == S1.optim.lr_vision and short.optim.weight_decay == S1.optim.weight_decay
+    assert S1.max_steps == 100_000 and S1.optim.lr == 2e-5
     with pytest.raises(ValueError, match="nope"):
         S1.replace(nope=1)
 
@@ -53,7 +54,7 @@ def test_distill_specs() -> None:
         Distill("on_policy", "jsd", beta=1.5)
     with pytest.raises(ValueError, match="mode"):
         DistillSpec(mode="sideways")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="no extra"):
+    with pytest.raises(ValueError, match="no distillation spec"):
         distill_spec(S1)
 
 
@@ -69,13 +70,13 @@ def test_docstring_table_matches_presets() -> None:
     for name, cols in table.items():
         config = STAGES[name]
         lr, lr_vision, max_len, pack, ckpt, chunk, warmup = cols[-7:]
-        assert float(lr) == pytest.approx(config.lr), name
+        assert float(lr) == pytest.approx(config.optim.lr), name
         if "vision" in config.trainable:
-            assert float(lr_vision) == pytest.approx(config.part_lr("vision")), name
+            assert float(lr_vision) == pytest.approx(config.optim.part_lr("vision")), name
         else:
             assert lr_vision == "(frozen)", name
         assert int(max_len) == config.max_length and int(chunk) == config.loss_chunk_size, name
-        assert int(warmup) == config.warmup_steps, name
+        assert int(warmup) == config.optim.warmup_steps, name
         assert (pack, ckpt) == ("yes" if config.packing else "no", "yes" if config.activation_checkpointing else "no")
         trainable = "all" if config.trainable == PARTS else ", ".join(config.trainable)
         assert " ".join(cols[1:-7]) == trainable, name

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from vl_train.teacher import generate_teacher_data, predict_short_answer, prompt_inputs, split_reasoning
+from vl_train.data.messages import prompt_inputs
+from vl_train.teacher import generate_teacher_data, predict_short_answer, split_reasoning
 
 
 def _sample(answer_type: str | None, text: str, **extra: Any) -> dict[str, Any]:
@@ -47,9 +48,11 @@ class Recorder(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def demo():
-    from vl_train.cli import build_model
+    from vl_train.builders import build_model
+    from vl_train.testing import TINY_TEXT, TINY_VISION
 
-    model, processor = build_model({"max_pixels": 4096, "text": {"hidden_size": 32, "intermediate_size": 64}})
+    text = {**TINY_TEXT, "hidden_size": 32, "intermediate_size": 64}
+    model, processor = build_model({"tokenizer": "demo", "max_pixels": 4096, "text": text, "vision": TINY_VISION})
     with torch.no_grad():  # peaked distributions so that the penalty visibly changes greedy decoding
         model.lm_head.weight.mul_(30.0)
     return model.eval(), processor
@@ -79,7 +82,7 @@ def test_penalty_by_prediction_and_jsonl(demo, tmp_path) -> None:
         assert o["messages"][:-1] == [m for m in s["messages"] if m["role"] != "assistant"]
         assert o["messages"][-1]["role"] == "assistant" and 1 <= o["teacher"]["num_tokens"] <= 6
     # the response is exactly the greedy decode with that penalty
-    inputs = prompt_inputs(processor, samples[0])
+    inputs = prompt_inputs(processor, samples[0], thinking=True)  # the teacher's prompt: thinking allowed
     with torch.no_grad():
         seq = model.generate(
             **inputs,

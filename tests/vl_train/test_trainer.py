@@ -202,10 +202,8 @@ def test_data_exhausted_and_eval(tmp_path: Path) -> None:
 def test_moe_aux_loss_and_activation_checkpointing(tmp_path: Path) -> None:
     runs = []
     for ckpt in (False, True):
-        model = tiny_model(moe=True)
-        cfg = TrainConfig(
-            **quiet(max_steps=2, moe_aux_coef=0.01, activation_checkpointing=ckpt, output_dir=str(tmp_path / str(ckpt)))
-        )
+        model = tiny_model(moe=True, aux_coef=0.01)
+        cfg = TrainConfig(**quiet(max_steps=2, activation_checkpointing=ckpt, output_dir=str(tmp_path / str(ckpt))))
         runs.append(Trainer(model, cfg, SyntheticBatches()).train().records)
     plain, recomputed = runs
     assert plain[0]["moe_aux_loss"] > 0

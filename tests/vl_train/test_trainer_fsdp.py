@@ -112,7 +112,7 @@ def test_global_moe_balance_over_two_ranks_equals_one_process(tmp_path: Path) ->
     # expert counts all-reduced over micro-batches and ranks: the same balance loss and updates as one process
     _launch(tmp_path, moe=True)
     got = torch.load(tmp_path / "losses.pt")
-    model = tiny_model(moe=True)
+    model = tiny_model(moe=True, aux_coef=0.5)
     want = Trainer(model, config(tmp_path / "single", moe=True), batches()).train()
     aux = [r["moe_aux_loss"] for r in want.records]
     assert all(a > 0 for a in aux)

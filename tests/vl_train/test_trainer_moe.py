@@ -24,11 +24,10 @@ def _micro_batches() -> list[dict[str, torch.Tensor]]:
 def _accumulate(
     tmp_path: Path, micro: list[dict[str, torch.Tensor]], global_balance: bool
 ) -> tuple[float, float, dict]:
-    model = tiny_model(moe=True)
+    model = tiny_model(moe=True, aux_coef=COEF)
     cfg = TrainConfig(
         **quiet(
             grad_accum_steps=len(micro),
-            moe_aux_coef=COEF,
             global_batch_balance=global_balance,
             output_dir=str(tmp_path / f"run-{global_balance}-{len(micro)}"),
         )
@@ -82,7 +81,7 @@ def test_global_balance_with_one_micro_batch_needs_no_routing_pass(tmp_path: Pat
 
 
 def test_global_balance_trains_and_logs_the_aux_loss(tmp_path: Path) -> None:
-    cfg = TrainConfig(**quiet(max_steps=2, grad_accum_steps=2, moe_aux_coef=0.01, output_dir=str(tmp_path)))
-    result = Trainer(tiny_model(moe=True), cfg, SyntheticBatches(seed=2)).train()
+    cfg = TrainConfig(**quiet(max_steps=2, grad_accum_steps=2, output_dir=str(tmp_path)))
+    result = Trainer(tiny_model(moe=True, aux_coef=0.01), cfg, SyntheticBatches(seed=2)).train()
     assert result.skipped_steps == 0
     assert all(r["moe_aux_loss"] > 0 for r in result.records)

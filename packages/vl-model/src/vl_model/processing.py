@@ -36,9 +36,10 @@ from transformers.processing_utils import ProcessorMixin
 
 from vl_vision.processing import ImageProcessor, VideoProcessor
 
+from ._prompts import PromptEncoding, split_media
 from .chat_template import CHAT_TEMPLATE
 
-__all__ = ["VLProcessor"]
+__all__ = ["VLProcessor", "split_media"]
 
 PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -82,7 +83,7 @@ def _video_fps(video_fps: Any, video_metadata: Any, count: int) -> Any:
     return [m.get("fps") if isinstance(m, dict) else getattr(m, "fps", None) for m in metadata]
 
 
-class VLProcessor(ProcessorMixin):
+class VLProcessor(ProcessorMixin, PromptEncoding):
     """Tokenizer, image processor and video processor of a Qwen3-VL-class model behind one call.
 
     Args:

@@ -192,11 +192,11 @@ class CoreRuntime:
 
     def decoder_layers(self) -> nn.ModuleList:
         """See :meth:`TrainableVLM.decoder_layers`."""
-        return self.model.language_model.layers  # type: ignore[no-any-return]
+        return self.model.language_model.layers
 
     def vision_tower(self) -> nn.Module:
         """See :meth:`TrainableVLM.vision_tower`."""
-        return self.model.visual  # type: ignore[no-any-return]
+        return self.model.visual
 
     def part_modules(self, part: str) -> list[nn.Module | nn.Parameter]:
         """See :meth:`TrainableVLM.part_modules` (``llm``: the decoder and ``lm_head``)."""

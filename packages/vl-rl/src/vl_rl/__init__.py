@@ -22,15 +22,26 @@ The core needs only torch; rollouts and the trainer run models built by ``vl-rl[
 
 from . import rewards
 from .advantages import group_advantages
-from .config import RLConfig
 from .curriculum import FilterResult, RLCSCurriculum, filter_dataset, pass_rate_filter, pass_rates_from_rewards
 from .evaluate import EvalResult, evaluate
 from .losses import METHOD_DEFAULTS, PolicyMethod, aggregate, kl_estimate, policy_loss
 from .rollout import HFRolloutEngine, Rollout, RolloutEngine, rollout_logprobs
 from .sampling import DynamicSampler, ExpansionRatio, FillResult, MixedTaskBatcher, filter_groups, select_balanced
-from .trainer import RLResult, RLTrainer
 
 __version__ = "0.1.0"
+
+_NEEDS_TRAIN = {"RLConfig": ".config", "RLResult": ".trainer", "RLTrainer": ".trainer"}
+
+
+def __getattr__(name: str) -> object:
+    # The trainer and its config build on vl-train (the `train` extra): imported on first use, so the
+    # core (losses, advantages, rewards) needs only torch.
+    if name in _NEEDS_TRAIN:
+        import importlib
+
+        return getattr(importlib.import_module(_NEEDS_TRAIN[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METHOD_DEFAULTS",

@@ -2,21 +2,22 @@
 
 Usage::
 
-    vl-rl demo_sapo                                   # a packaged recipe (vl_rl/recipes/demo_sapo.toml)
+    vl-rl demo_sapo                                   # a packaged demo recipe (vl_rl/testing/recipes)
     vl-rl demo_gspo --init-from runs/demo_sft         # start from a vl-train SFT run's output
-    vl-rl my_recipe.toml --set rl.lr=1e-4 --set data.tasks='["count"]' --output runs/x
+    vl-rl my_recipe.toml --set optim.lr=1e-4 --set data.tasks='["count"]' --output runs/x
 
 A recipe has four sections; every key is checked and an unknown one is an error naming it and the
 known ones:
 
-- ``[model]``: as in ``vl-train`` (:func:`vl_train.cli.build_model`): ``init_from`` (a model folder or
-  a previous run's output with ``model/`` in it), else a fresh tiny model from ``[model.text]`` /
-  ``[model.vision]``; ``tokenizer = "demo"``; image budgets; ``seed``.
+- ``[model]``: as in ``vl-train`` (:func:`vl_train.builders.build_model`): ``init_from`` (a model folder
+  with its processor, or a previous run's output with ``model/`` in it), else a fresh model from
+  ``[model.text]`` / ``[model.vision]`` and ``tokenizer``; image budgets; ``seed``.
 - ``[data]``: synthetic prompts (:class:`vl_train.data.synthetic.SyntheticDataset`): ``tasks``,
   ``size``, ``seed``, ``image_size_range``, ``grid`` (cell side; 0 free placement), ``thinking`` (share
   of samples with reasoning), and the held-out split's ``heldout_size`` (0: no evaluation) and
   ``heldout_seed``.
-- ``[rl]``: :class:`~vl_rl.config.RLConfig` fields.
+- ``[rl]``: :class:`~vl_rl.config.RLConfig` fields; ``[optim]``: the optimiser
+  (:class:`vl_train.OptimConfig`, the section every trainer shares).
 - ``[reward]``: ``kind = "synthetic"`` (:func:`vl_train.data.synthetic.verify`) plus optional weighted
   terms ``format_weight`` (:func:`vl_rl.rewards.format_reward`, think tags) and ``repetition_weight``
   (:func:`vl_rl.rewards.repetition_reward`, in [-1, 0]).
@@ -29,24 +30,26 @@ The run writes ``metrics.jsonl``, checkpoints, ``reward_curve.png`` and the fina
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vl_train import cli as train_cli
+from vl_train import recipe as train_recipe
+from vl_train.config import OptimConfig
 
 from .config import RLConfig
 
 __all__ = ["build_reward", "load_recipe", "main", "packaged_recipes", "resolve_config"]
 
-_TOP = {"description", "model", "data", "rl", "reward"}
+_TOP = {"description", "model", "data", "optim", "rl", "reward"}
 _DATA = {"tasks", "size", "seed", "image_size_range", "grid", "thinking", "heldout_size", "heldout_seed"}
 _REWARD = {"kind", "format_weight", "repetition_weight"}
 
 
 def packaged_recipes() -> list[str]:
     """Names of the recipes shipped in ``vl_rl/recipes``."""
-    return train_cli.packaged_recipes("vl_rl")
+    return train_recipe.packaged_recipes("vl_rl")
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
@@ -55,7 +58,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError: Neither a file nor a packaged recipe (the packaged ones are listed).
     """
-    return train_cli.load_recipe(name_or_path, "vl_rl")
+    return train_recipe.load_recipe(name_or_path, "vl_rl")
 
 
 def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLConfig:
@@ -64,16 +67,21 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLCo
     Raises:
         ValueError: An unknown key anywhere (named), or invalid values.
     """
-    train_cli.check_keys("the recipe", recipe, _TOP)
-    train_cli.check_keys("[model]", recipe.get("model", {}), train_cli.MODEL_KEYS)
-    train_cli.check_keys("[data]", recipe.get("data", {}), _DATA)
+    train_recipe.check_keys("the recipe", recipe, _TOP)
+    train_recipe.check_keys("[model]", recipe.get("model", {}), train_recipe.MODEL_KEYS)
+    train_recipe.check_keys("[data]", recipe.get("data", {}), _DATA)
     reward = recipe.get("reward", {})
-    train_cli.check_keys("[reward]", reward, _REWARD)
+    train_recipe.check_keys("[reward]", reward, _REWARD)
     if reward.get("kind", "synthetic") != "synthetic":
         raise ValueError(f"unknown reward kind {reward.get('kind')!r}; kinds are ['synthetic']")
     rl = dict(recipe.get("rl", {}))
+    misplaced = sorted(k for k in rl if k in {f.name for f in dataclasses.fields(OptimConfig)} or k == "optim")
+    if misplaced:
+        raise ValueError(f"[rl] keys {misplaced} are optimiser settings: put them in the [optim] section")
     if output is not None:
         rl["output_dir"] = output
+    if recipe.get("optim"):
+        rl["optim"] = RLConfig().optim.replace(**dict(recipe["optim"]))
     return RLConfig.from_dict(rl)
 
 
@@ -129,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vl-rl`` / ``python -m vl_rl``; returns the exit status."""
-    from vl_train.cli import apply_overrides, build_model
+    from vl_train.builders import build_model
+    from vl_train.recipe import apply_overrides
 
     args = _parser().parse_args(argv)
     if args.list:
@@ -166,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = trainer.train()
     out = result.output_dir
     model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
     if result.eval_history:
         first, last = result.eval_history[0], result.eval_history[-1]
         print(

@@ -1,40 +1,43 @@
-"""``RLConfig``: every knob of an RL run (rollouts, policy loss, sampling, optimiser, logging).
+"""``RLConfig``: every knob of an RL run (rollouts, policy loss, sampling), on top of vl-train's run settings.
 
-The defaults follow Qwen3-VL's reasoning RL (SAPO, REFERENCE.md section 5) scaled down to CPU-sized
-runs: 8 prompts per step with 8 responses each, two mini-batch updates per rollout against the
-rollout's log-probabilities, AdamW with linear warm-up and cosine decay (:mod:`vl_train.optim`).
+The optimiser and schedule are the ``optim`` section every trainer shares (:class:`vl_train.OptimConfig`,
+the ``[optim]`` recipe section), and checkpoints, metrics, seed, steps and trainable parts are
+:class:`vl_train.RunConfig`'s. The defaults follow Qwen3-VL's reasoning RL (SAPO, REFERENCE.md
+section 5) scaled down to CPU-sized runs: 8 prompts per step with 8 responses each, two mini-batch
+updates per rollout against the rollout's log-probabilities, AdamW at a constant rate after warm-up.
+
+Needs ``vl-rl[train]`` (vl-train).
 
 Notation: ``N`` prompts per step, ``G`` responses per prompt (``group_size``), ``T`` generated tokens.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
-__all__ = ["PARTS", "RLConfig"]
+from vl_train.config import OptimConfig, RunConfig
 
-PARTS = ("vision", "merger", "deepstack", "llm")
+__all__ = ["RLConfig"]
+
 _METHODS = ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo", "cispo")
 
 
 @dataclass(kw_only=True)
-class RLConfig:
+class RLConfig(RunConfig):
     """Configuration of :class:`vl_rl.trainer.RLTrainer` (keyword-only; ``from_dict`` checks keys).
+
+    The run settings (``trainable``, ``max_steps``, ``optim``, ``seed``, ``output_dir``, ``save_every``,
+    ``keep_last``, ``max_nan_steps``, ``tensorboard``, ``plot``, ``progress``) are
+    :class:`vl_train.RunConfig`'s; here ``trainable`` defaults to merger, DeepStack and LLM, ``max_steps``
+    to 50, and ``optim`` to a constant rate (``min_lr_ratio=1``).
 
     Attributes:
         method: Policy loss of :func:`vl_rl.losses.policy_loss` (``sapo``, ``gspo``, ``grpo``, ...).
         group_size: ``G`` responses per prompt (1 gives zero advantages: no learning signal).
-        prompts_per_step: ``N`` prompts per step.
+        prompts_per_step: ``N`` prompts per step (split over the ranks: a multiple of the world size).
         mini_batches: Updates per epoch; the ``N * G`` rows are split into this many parts.
         epochs: Passes over one rollout.
-        lr: Peak learning rate (AdamW).
-        warmup_steps: Linear warm-up steps of the schedule.
-        min_lr_ratio: Cosine decay floor as a fraction of ``lr``.
-        weight_decay: AdamW weight decay.
-        max_grad_norm: Gradient clipping norm (None: no clipping).
         max_new_tokens: Tokens per response before truncation.
         temperature: Sampling temperature of the rollouts (the log-probs use the same one).
         top_p: Nucleus sampling threshold of the rollouts.
@@ -52,34 +55,25 @@ class RLConfig:
         dynamic_sampling: DAPO: resample until every group has mixed rewards (up to ``max_sample_rounds``).
         max_sample_rounds: Rounds of dynamic sampling before training on what was found.
         pass_threshold: A response "passes" when its reward is at least this.
-        max_steps: RL steps (one rollout each).
         eval_every: Held-out evaluation every this many steps (0: only before and after).
         eval_max_new_tokens: Token budget of evaluation (None: ``max_new_tokens``).
         eval_greedy: Evaluate greedy responses (True) or sampled ones at ``temperature`` (the expected reward).
         eval_samples_per_prompt: Sampled responses per held-out prompt when not greedy.
-        save_every: Checkpoint every this many steps (0: only at the end).
-        keep_last: Checkpoints kept (0: all).
-        trainable: Parts that train (``vision``, ``merger``, ``deepstack``, ``llm``).
         reward_timeout: Seconds before a reward call is abandoned (scored 0, counted as an error).
         rollout_batch_size: Rows per generate call.
         logprob_batch_size: Rows per forward when scoring old / reference log-probs.
-        output_dir: Where metrics, checkpoints and plots go.
-        seed: Seeds sampling of prompts and of responses.
-        tensorboard: Also write TensorBoard events.
-        plot: Write ``reward_curve.png``.
-        progress: Show a progress bar.
     """
 
+    trainable: tuple[str, ...] = ("merger", "deepstack", "llm")
+    max_steps: int = 50
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(min_lr_ratio=1.0))
+    output_dir: str = "runs/rl"
+    tensorboard: bool = False
     method: str = "sapo"
     group_size: int = 8
     prompts_per_step: int = 8
     mini_batches: int = 2
     epochs: int = 1
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
@@ -97,26 +91,20 @@ class RLConfig:
     dynamic_sampling: bool = False
     max_sample_rounds: int = 4
     pass_threshold: float = 1.0
-    max_steps: int = 50
     eval_every: int = 10
     eval_max_new_tokens: int | None = None
     eval_greedy: bool = True
     eval_samples_per_prompt: int = 4
-    save_every: int = 0
-    keep_last: int = 2
-    trainable: tuple[str, ...] = ("merger", "deepstack", "llm")
     reward_timeout: float | None = 10.0
     rollout_batch_size: int = 64
     logprob_batch_size: int = 32
-    output_dir: str = "runs/rl"
-    seed: int = 0
-    tensorboard: bool = False
-    plot: bool = True
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        self.trainable = tuple(self.trainable)
         problems = []
+        try:
+            super().__post_init__()
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.method not in _METHODS:
             problems.append(f"method {self.method!r} is not one of {list(_METHODS)}")
         for name in (
@@ -124,19 +112,18 @@ class RLConfig:
             "prompts_per_step",
             "mini_batches",
             "epochs",
-            "max_steps",
             "max_new_tokens",
             "eval_samples_per_prompt",
+            "rollout_batch_size",
+            "logprob_batch_size",
         ):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "answer_tokens"):
+        for name in ("eval_every", "answer_tokens"):
             if int(getattr(self, name)) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.temperature > 0 or not 0 < self.top_p <= 1:
-            problems.append(
-                f"need lr > 0, temperature > 0, 0 < top_p <= 1; got {self.lr}, {self.temperature}, {self.top_p}"
-            )
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            problems.append(f"need temperature > 0, 0 < top_p <= 1; got {self.temperature}, {self.top_p}")
         if self.mini_batches > self.prompts_per_step * self.group_size:
             problems.append(f"mini_batches ({self.mini_batches}) exceeds the rows per step (N * G)")
         if self.filter_solved is not None and not 0.0 <= self.filter_solved <= 1.0:
@@ -145,31 +132,5 @@ class RLConfig:
             problems.append(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
         if self.advantage_scale not in ("group", "batch", "none"):
             problems.append(f"advantage_scale must be group, batch or none, got {self.advantage_scale!r}")
-        unknown = [p for p in self.trainable if p not in PARTS]
-        if unknown or not self.trainable:
-            problems.append(f"trainable has unknown parts {unknown} (or none); parts are {list(PARTS)}")
         if problems:
             raise ValueError("invalid RLConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as plain values (``RLConfig.from_dict(cfg.to_dict()) == cfg``)."""
-        out = dataclasses.asdict(self)
-        out["trainable"] = list(self.trainable)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RLConfig:
-        """Build from a mapping of field names.
-
-        Raises:
-            ValueError: Unknown keys (named, with the known ones) or invalid values.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown RL config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(data))
-
-    def replace(self, **overrides: Any) -> RLConfig:
-        """A copy with ``overrides`` applied (unknown keys raise ``ValueError``)."""
-        return self.from_dict({**self.to_dict(), **overrides})

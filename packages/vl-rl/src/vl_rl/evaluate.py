@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,18 @@ from torch import nn
 from .rewards import SafeReward
 from .rollout import HFRolloutEngine, RolloutEngine
 
-__all__ = ["EvalResult", "SampleReward", "evaluate", "prompt_of", "sample_reward"]
+__all__ = [
+    "REWARD_PLOT",
+    "EvalResult",
+    "SampleReward",
+    "evaluate",
+    "merge_results",
+    "plot_reward_curve",
+    "prompt_of",
+    "sample_reward",
+]
+
+REWARD_PLOT = "reward_curve.png"
 
 SampleReward = Callable[[dict[str, Any], str], float]
 """``reward_fn(sample, response_text) -> float``."""
@@ -145,4 +157,49 @@ def evaluate(
         responses=responses,
         rewards=rewards,
         errors=safe.errors - errors_before,
+    )
+
+
+def plot_reward_curve(
+    records: Sequence[dict[str, Any]], eval_history: Sequence[dict[str, Any]], path: str | Path
+) -> Path | None:
+    """Train reward per step and held-out reward per evaluation; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["reward_mean"]) for r in records if isinstance(r.get("reward_mean"), float)]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train reward (sampled)", alpha=0.7)
+    held = [(e["step"], e["eval_reward"]) for e in eval_history]
+    if held:
+        ax.plot(*zip(*held, strict=True), marker="o", label="held-out reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def merge_results(items: Sequence[tuple[dict[str, Any], list[float], list[str]]]) -> EvalResult:
+    """One :class:`EvalResult` from every rank's ``(sample, rewards, responses)``."""
+    by_task: dict[str, list[float]] = {}
+    rewards, responses = [], []
+    for sample, values, texts in items:
+        by_task.setdefault(str(sample.get("task", "default")), []).extend(values)
+        rewards += values
+        responses += texts
+    return EvalResult(
+        mean=sum(rewards) / max(len(rewards), 1),
+        per_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+        count={t: len(v) for t, v in sorted(by_task.items())},
+        responses=responses,
+        rewards=rewards,
     )

@@ -1,14 +1,17 @@
 """Rollouts: batched multimodal generation of ``G`` responses per prompt, with forced answers on truncation.
 
 Implements the rollout side of Qwen3-VL's reasoning RL (REFERENCE.md section 5) and GLM-4.5V's
-truncation handling: prompts are rendered with the processor's chat template (thinking on, off, or per
-sample), left-padded into one batch, repeated ``G`` times and sampled with Hugging Face ``generate``
-(KV cache on; the vision encoder runs once per generate call, in the prefill). When a response hits
+truncation handling: prompts are encoded by the processor (``vl_train.data.messages.prompt_inputs``:
+chat template, thinking on, off, or per sample), left-padded into one batch (``VLProcessor.pad_prompts``),
+repeated ``G`` times and sampled with Hugging Face ``generate`` (KV cache on; the vision encoder runs
+once per generate call, in the prefill). Under ``torch.distributed`` every rank samples its own
+prompts with ``synced_gpus`` (a sharded model's forwards are collectives) and the ranks agree on how
+many forced-answer calls they make. When a response hits
 ``max_new_tokens`` inside an open ``<think>`` block and ``force_answer`` is on, ``</think>`` and a short
 cue are appended (masked out of the loss) and up to ``answer_tokens`` more tokens are generated.
 
 :func:`rollout_logprobs` scores the sampled tokens under a model (old policy, reference or the policy
-being trained), with the sampling temperature.
+being trained), with the sampling temperature (``vl_train.logprobs.completion_logprobs``).
 
 Notation: ``N`` prompts, ``G`` responses per prompt, ``R = N * G`` rows, ``P`` prompt length (left
 padding), ``T`` completion length (right padding), ``V`` vocabulary.
@@ -23,12 +26,13 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
+from ._dist import agreed, distributed
+
 __all__ = [
     "DEFAULT_ANSWER_CUE",
     "HFRolloutEngine",
     "Rollout",
     "RolloutEngine",
-    "collate_prompts",
     "concat_rollouts",
     "decode_response",
     "encode_prompt",
@@ -41,7 +45,6 @@ __all__ = [
 DEFAULT_ANSWER_CUE = "\n</think>\n\n"
 """Appended to a truncated thinking response: closes the block in the chat template's own format."""
 _VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-_MODEL_KEYS = ("attention_mask", "mm_token_type_ids", *_VISUAL_KEYS)
 
 
 @dataclass
@@ -90,54 +93,6 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _thinking_on(sample: Mapping[str, Any], thinking: bool | None) -> bool:
-    return bool(sample.get("reasoning")) if thinking is None else thinking
-
-
-def _render_prompt(
-    processor: Any, sample: Mapping[str, Any], thinking: bool | None
-) -> tuple[str, list[Any], list[tuple[Any, float | None]]]:
-    """``(prompt, images, [(video, fps), ...])``: the chat-template prompt and its media in order."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    messages = list(sample.get("messages", []))
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    if not any(m["role"] == "user" for m in messages):
-        raise ValueError(f"sample {sample.get('id')!r} has no user turn to prompt with")
-    images: list[Any] = []
-    videos: list[tuple[Any, float | None]] = []
-    turns = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            items = []
-            for item in content:
-                if item["type"] == "image":
-                    images.append(item["image"])
-                    items.append({"type": "image"})
-                elif item["type"] == "video":
-                    videos.append((item["video"], item.get("fps")))
-                    items.append({"type": "video"})
-                elif item["type"] == "text":
-                    items.append({"type": "text", "text": item["text"]})
-                else:
-                    raise ValueError(
-                        f"sample {sample.get('id')!r}: rollouts take image, video and text items, got {item['type']!r}"
-                    )
-            content = items
-        turns.append({"role": message["role"], "content": content})
-    kwargs: dict[str, Any] = {} if _thinking_on(sample, thinking) else {"enable_thinking": False}
-    rendered, _ = cast(Any, render_jinja_template)(
-        conversations=[turns],
-        chat_template=processor.chat_template,
-        add_generation_prompt=True,
-        **kwargs,
-        **processor.tokenizer.special_tokens_map,
-    )
-    return str(rendered[0]), images, videos
-
-
 def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None = None) -> tuple[str, list[Any]]:
     """The rendered prompt (every turn before the final assistant turn + generation prompt) and its images.
 
@@ -151,7 +106,10 @@ def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None
         ValueError: The sample has no user turn, or holds a video (this returns images only; use
             :func:`encode_prompt`, which takes videos too).
     """
-    text, images, videos = _render_prompt(processor, sample, thinking)
+    from vl_train.data.messages import sample_messages, wants_thinking
+
+    messages = sample_messages(sample, prompt_only=True)
+    text, images, videos, _ = processor.render_prompt(messages, thinking=wants_thinking(sample, thinking))
     if videos:
         raise ValueError(
             f"sample {sample.get('id')!r} holds a video: prompt_text returns text and images only "
@@ -161,48 +119,10 @@ def prompt_text(processor: Any, sample: Mapping[str, Any], thinking: bool | None
 
 
 def encode_prompt(processor: Any, sample: Mapping[str, Any], thinking: bool | None = None) -> dict[str, torch.Tensor]:
-    """Model inputs of one prompt: ``input_ids [1, P_i]``, ``mm_token_type_ids`` and its images' and videos' pixels and grids.
+    """Model inputs of one sample's prompt (``vl_train.data.messages.prompt_inputs``; needs ``vl-rl[train]``)."""
+    from vl_train.data.messages import prompt_inputs
 
-    Video items (``{"type": "video", "video": frames, "fps": source_rate}``) are sampled by the
-    processor as in training, so a rollout sees the same frames and timestamps the SFT data did.
-    """
-    text, images, videos = _render_prompt(processor, sample, thinking)
-    enc = processor(
-        text=[text],
-        images=images or None,
-        videos=[v for v, _ in videos] or None,
-        video_fps=[fps for _, fps in videos] if videos else None,
-        add_special_tokens=False,
-    )
-    keys = ("input_ids", "mm_token_type_ids", *_VISUAL_KEYS)
-    return {k: torch.as_tensor(enc[k]) for k in keys if k in enc and enc[k] is not None}
-
-
-def collate_prompts(
-    encoded: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int, length: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Left-pad prompts (to ``length``, default the longest) into one batch; concatenate visual inputs in row order."""
-    if not encoded:
-        raise ValueError("collate_prompts needs at least one prompt")
-    length = max([int(e["input_ids"].shape[-1]) for e in encoded] + [length or 0])
-    ids, mask, types = [], [], []
-    for e in encoded:
-        row = e["input_ids"].reshape(-1)
-        pad = length - row.numel()
-        ids.append(torch.cat([row.new_full((pad,), pad_token_id), row]))
-        mask.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(row.numel(), dtype=torch.long)]))
-        t = e.get("mm_token_type_ids")
-        types.append(torch.cat([torch.zeros(pad, dtype=torch.long), (t if t is not None else row * 0).reshape(-1)]))
-    batch = {
-        "input_ids": torch.stack(ids),
-        "attention_mask": torch.stack(mask),
-        "mm_token_type_ids": torch.stack(types),
-    }
-    for key in _VISUAL_KEYS:
-        parts = [e[key] for e in encoded if key in e]
-        if parts:
-            batch[key] = torch.cat(parts)
-    return batch
+    return prompt_inputs(processor, sample, thinking)
 
 
 def _extend_prompt(
@@ -323,11 +243,6 @@ def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
     )
 
 
-def _picked_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = head(hidden).float() / temperature
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 def rollout_logprobs(
     model: nn.Module,
     sequences: torch.Tensor,
@@ -340,46 +255,29 @@ def rollout_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[R, T]`` log-probabilities of the completion tokens (and their entropies) under ``model``.
 
-    The logits are divided by ``temperature`` (the sampling temperature), so the ratio to the rollout
-    policy is 1 for an unchanged model. Gradients flow unless called under ``torch.no_grad``. The
-    ``[R * T, V]`` logits exist ``chunk_size`` positions at a time, and with gradients each chunk is
-    recomputed in the backward pass (activation checkpointing) instead of being kept.
+    ``vl_train.logprobs.completion_logprobs`` (needs ``vl-rl[train]``): the logits are divided by
+    ``temperature`` (the sampling temperature), so the ratio to the rollout policy is 1 for an unchanged
+    model; gradients flow unless called under ``torch.no_grad``; the ``[R * T, V]`` logits exist
+    ``chunk_size`` positions at a time and are recomputed in backward.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    inputs = {k: v for k, v in model_inputs.items() if k in _MODEL_KEYS}
-    hidden = model.model(input_ids=sequences, **inputs).last_hidden_state  # type: ignore[operator]
-    rows, steps = sequences.shape[0], sequences.shape[1] - prompt_length
-    flat_h = hidden[:, prompt_length - 1 : -1].reshape(rows * steps, -1)
-    flat_t = sequences[:, prompt_length:].reshape(-1)
-    head = cast(nn.Module, model.lm_head)
-    picked, entropy = [], []
-    for i in range(0, flat_h.shape[0], chunk_size):
-        h, t = flat_h[i : i + chunk_size], flat_t[i : i + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            part = torch.utils.checkpoint.checkpoint(_picked_logprobs, head, h, t, temperature, use_reentrant=False)
-        else:
-            part = _picked_logprobs(head, h, t, temperature)
-        picked.append(part)
-        if with_entropy:
-            with torch.no_grad():
-                logp = torch.log_softmax(head(h.detach()).float() / temperature, -1)
-                entropy.append(-(logp.exp() * logp).sum(-1))
-    logprobs = torch.cat(picked).reshape(rows, steps) if picked else flat_h.new_zeros(rows, steps)
-    ent = (
-        (torch.cat(entropy).reshape(rows, steps) if entropy else flat_h.new_zeros(rows, steps))
-        if with_entropy
-        else None
+    from vl_train.logprobs import completion_logprobs
+
+    return completion_logprobs(
+        model,
+        sequences,
+        model_inputs,
+        prompt_length,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
     )
-    return logprobs, ent
 
 
 class HFRolloutEngine:
     """Batched Hugging Face ``generate`` with our model: left-padded multimodal prompts, ``G`` copies each.
 
     Args:
-        model: A :class:`vl_model.VLForConditionalGeneration` (or anything with its ``generate`` / ``model`` /
-            ``lm_head``).
+        model: A :class:`vl_model.TrainableVLM` that can ``generate`` (core or composed model).
         processor: Its processor (chat template, tokenizer, image processor).
         max_new_tokens: Tokens per response before truncation.
         temperature: Sampling temperature (ignored when greedy).
@@ -453,6 +351,7 @@ class HFRolloutEngine:
                     pad_token_id=self.pad_id,
                     use_cache=True,
                     suppress_tokens=self.suppress_ids or None,
+                    synced_gpus=distributed(),  # a sharded model: every rank runs every forward
                     **options,
                 )
         finally:
@@ -486,7 +385,7 @@ class HFRolloutEngine:
         truncated: list[bool] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            out = self._generate(collate_prompts(chunk, self.pad_id, length), self.max_new_tokens, greedy)
+            out = self._generate(self.processor.pad_prompts(chunk, length=length), self.max_new_tokens, greedy)
             for ids in out[:, length:].tolist():
                 kept, cut = self._cut(ids)
                 completions.append(kept)
@@ -510,12 +409,14 @@ class HFRolloutEngine:
         ``context(i, tail)`` is row ``i``'s model inputs (prompt and any tool turns) ending in ``tail``.
         """
         todo = [i for i, cut in enumerate(truncated) if cut and self._think_open(completions[i])]
-        if not todo:
-            return
+        calls = agreed(-(-len(todo) // self.batch_size))  # every rank makes as many generate calls
         cue = list(self.processor.tokenizer.encode(self.answer_cue, add_special_tokens=False))
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            batch = collate_prompts([context(i, completions[i] + cue) for i in chunk], self.pad_id)
+        for k in range(calls):
+            chunk = todo[k * self.batch_size : (k + 1) * self.batch_size]
+            if not chunk:  # this rank has nothing left: a throw-away call keeps the collectives in step
+                self._generate(self.processor.pad_prompts([context(0, completions[0] + cue)]), 1, greedy)
+                continue
+            batch = self.processor.pad_prompts([context(i, completions[i] + cue) for i in chunk])
             out = self._generate(batch, self.answer_tokens, greedy)
             for i, ids in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
                 answer, _ = self._cut(ids)
@@ -534,7 +435,7 @@ class HFRolloutEngine:
         tool_calls: Sequence[int] | None = None,
     ) -> Rollout:
         """Pad per-row completions into a :class:`Rollout` (``extra_visual``: images inside completions)."""
-        prompts = collate_prompts(rows, self.pad_id)
+        prompts = self.processor.pad_prompts(rows)
         length, count = prompts["input_ids"].shape[1], len(rows)
         steps = max(1, max(len(c) for c in completions))
         body = torch.full((count, steps), self.pad_id, dtype=torch.long)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .rollout import HFRolloutEngine, Rollout, _extend_prompt, collate_prompts, encode_prompt
+from .rollout import HFRolloutEngine, Rollout, _extend_prompt, encode_prompt
 
 __all__ = ["DEFAULT_TOOLS", "ToolError", "ToolRolloutEngine", "crop", "parse_tool_call", "zoom"]
 
@@ -200,7 +200,7 @@ class ToolRolloutEngine(HFRolloutEngine):
             for start in range(0, len(active), self.batch_size):
                 chunk = active[start : start + self.batch_size]
                 contexts = [self._context(rows[i], completions[i], extra[i]) for i in chunk]
-                batch = collate_prompts(contexts, self.pad_id)
+                batch = self.processor.pad_prompts(contexts)
                 out = self._generate(batch, self.max_new_tokens, greedy)
                 for i, ids in zip(chunk, out[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
                     kept, cut = self._cut(ids)

@@ -3,120 +3,98 @@
 Implements one RL step of Qwen3-VL's reasoning RL (REFERENCE.md section 5), with the pieces of this
 package and of vl-train:
 
-1. draw ``N`` prompts (seeded per step, so a resumed run draws the same ones);
+1. draw ``N`` prompts (seeded per step, so a resumed run draws the same ones); with ``W`` ranks each
+   rank takes ``N / W`` of them;
 2. roll out ``G`` responses each (:class:`~vl_rl.rollout.HFRolloutEngine` or any ``RolloutEngine``);
 3. score them with the reward wrapped in :class:`~vl_rl.rewards.SafeReward` (errors and timeouts
    score 0 and are counted); optionally drop groups solved more often than ``filter_solved``
    (Qwen3-VL: 0.9), or resample until every group has mixed rewards (DAPO dynamic sampling,
    :class:`~vl_rl.sampling.DynamicSampler`);
-4. :func:`~vl_rl.advantages.group_advantages` (zeros for ``G = 1`` and for all-equal groups);
+4. :func:`~vl_rl.advantages.group_advantages` (zeros for ``G = 1`` and for all-equal groups); a step
+   where no group has a learning signal makes no update and is logged as ``no_signal``;
 5. old log-probs of the rollout policy (and of ``ref_model`` when ``kl_coef > 0``), without gradients;
 6. ``epochs x mini_batches`` AdamW updates of :func:`~vl_rl.losses.policy_loss` against the old
-   log-probs, with gradient clipping; the learning-rate schedule (:mod:`vl_train.optim`) advances
-   once per RL step.
+   log-probs, each scaled by this rank's share of the global batch's aggregation weight (so ``W``
+   FSDP ranks give the gradient of one process), with clipping and the non-finite guard; the
+   learning-rate schedule advances once per RL step.
 
-Metrics go to ``metrics.jsonl`` (and TensorBoard) through :class:`vl_train.metrics.MetricsLogger`;
-checkpoints are written atomically by :mod:`vl_train.checkpoint` and ``resume=True`` continues exactly
-(same prompts, responses and weights as an uninterrupted run). Held-out evaluation runs before
-training, every ``eval_every`` steps and at the end; ``reward_curve.png`` plots train and held-out
-rewards.
+The run itself (optimiser, FSDP2, checkpoints and exact resume, metrics, callbacks) is
+:class:`vl_train.loop.TrainingLoop`'s. Held-out evaluation runs before training, every ``eval_every``
+steps and at the end; ``reward_curve.png`` plots train and held-out rewards.
 
-Notation: ``N`` prompts per step, ``G`` responses per prompt, ``R = N * G`` rows, ``T`` completion tokens.
+Notation: ``N`` prompts per step, ``G`` responses per prompt, ``R = N * G`` rows, ``T`` completion tokens,
+``W`` ranks.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vl_train.logprobs import completion_logprobs
+from vl_train.loop import TrainingLoop, TrainResult
+from vl_train.parallel import rank, root_forward, world_size
+
+from ._dist import agreed
 from .advantages import group_advantages
 from .config import RLConfig
-from .evaluate import EvalResult, SampleReward, evaluate, prompt_of, sample_reward
-from .losses import policy_loss
+from .evaluate import (
+    REWARD_PLOT,
+    EvalResult,
+    SampleReward,
+    evaluate,
+    merge_results,
+    plot_reward_curve,
+    prompt_of,
+    sample_reward,
+)
+from .losses import METHOD_DEFAULTS, policy_loss
 from .rewards import SafeReward
 from .rollout import (
     HFRolloutEngine,
     Rollout,
     RolloutEngine,
     concat_rollouts,
-    rollout_logprobs,
     select_rows,
     subset_groups,
 )
 from .sampling import DynamicSampler
 
-__all__ = ["REWARD_PLOT", "RLResult", "RLTrainer", "plot_reward_curve"]
+__all__ = ["RLResult", "RLTrainer"]
 
-REWARD_PLOT = "reward_curve.png"
-Callback = Callable[["RLTrainer", int, dict[str, Any]], None]
+Callback = Callable[["RLTrainer", dict[str, Any]], object]
+"""``callback(trainer, record)`` after every step; a truthy return value stops the run."""
 
 
 @dataclass
-class RLResult:
-    """What :meth:`RLTrainer.train` did.
+class RLResult(TrainResult):
+    """What :meth:`RLTrainer.train` did: :class:`vl_train.TrainResult` plus the held-out evaluations.
 
     Attributes:
-        steps: RL steps done (including those of a resumed run).
-        records: Per-step metric records.
         eval_history: ``{"step", "eval_reward", "eval_reward/<task>"}`` per evaluation.
-        output_dir: The run's folder.
-        plot: The reward-curve PNG (None without matplotlib or with ``plot=False``).
-        checkpoint: The last checkpoint written.
+        no_signal_steps: Steps without a learning signal (every group's rewards equal): no update.
     """
 
-    steps: int
-    records: list[dict[str, Any]]
-    eval_history: list[dict[str, Any]]
-    output_dir: Path
-    plot: Path | None
-    checkpoint: Path | None
-
-
-def plot_reward_curve(
-    records: Sequence[dict[str, Any]], eval_history: Sequence[dict[str, Any]], path: str | Path
-) -> Path | None:
-    """Train reward per step and held-out reward per evaluation; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(r["step"], r["reward_mean"]) for r in records if isinstance(r.get("reward_mean"), float)]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train reward (sampled)", alpha=0.7)
-    held = [(e["step"], e["eval_reward"]) for e in eval_history]
-    if held:
-        ax.plot(*zip(*held, strict=True), marker="o", label="held-out reward")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    no_signal_steps: int = 0
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-class RLTrainer:
+class RLTrainer(TrainingLoop):
     """Trains a policy with verifiable rewards (see the module docstring).
 
     Args:
-        model: The policy (a :class:`vl_model.VLForConditionalGeneration`).
+        model: The policy, a :class:`vl_model.TrainableVLM` (core or composed model).
         processor: Its processor.
         config: The run's :class:`~vl_rl.config.RLConfig`.
         train_samples: Prompts to draw from (suite samples with ``messages``; answers for the reward).
@@ -124,12 +102,16 @@ class RLTrainer:
         eval_samples: Held-out samples for :meth:`evaluate` (None: no evaluation).
         ref_model: Frozen reference policy for the KL penalty (needed when ``kl_coef > 0``).
         engine: Rollout engine (default: an :class:`~vl_rl.rollout.HFRolloutEngine` from the config).
-        callbacks: ``callback(trainer, step, record)`` after every step.
-        resume: Continue from the latest checkpoint in ``output_dir`` (a fresh start when there is none).
+        callbacks: ``callback(trainer, record)`` after every step; a truthy return value stops the run.
+        resume: ``True``: continue from the latest checkpoint in ``output_dir`` (a fresh start when there
+            is none); a path: from that checkpoint.
 
     Raises:
-        ValueError: No training samples, or ``kl_coef > 0`` without a reference model.
+        ValueError: No training samples, ``kl_coef > 0`` without a reference model, or prompts per step
+            that the ranks cannot share equally.
     """
+
+    config: RLConfig
 
     def __init__(
         self,
@@ -143,36 +125,25 @@ class RLTrainer:
         ref_model: nn.Module | None = None,
         engine: RolloutEngine | None = None,
         callbacks: Sequence[Callback] = (),
-        resume: bool = False,
+        resume: bool | str | Path = False,
     ) -> None:
-        from vl_model.parts import PARTS, freeze, unfreeze
-        from vl_train.config import TrainConfig
-        from vl_train.optim import build_optimizer, build_scheduler
-
         if len(train_samples) == 0:
             raise ValueError("RLTrainer needs at least one training sample")
         if config.kl_coef > 0 and ref_model is None:
             raise ValueError(f"kl_coef={config.kl_coef} needs a ref_model (or set kl_coef=0)")
-        self.model, self.processor, self.config = model, processor, config
+        if config.prompts_per_step % world_size():
+            raise ValueError(
+                f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size()} ranks"
+            )
+        self.processor = processor
         self.train_samples, self.eval_samples = list(train_samples), list(eval_samples or [])
         self.reward = sample_reward(reward_fn, config.reward_timeout)
         self.ref_model = ref_model
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
-        self.callbacks, self.resume = list(callbacks), resume
-        freeze(model, [p for p in PARTS if p not in config.trainable])
-        unfreeze(model, config.trainable)
-        opt_config = TrainConfig(
-            trainable=config.trainable,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
-            max_steps=config.max_steps,
-            min_lr_ratio=config.min_lr_ratio,
-            max_grad_norm=config.max_grad_norm,
-        )
-        self.optimizer = build_optimizer(model, opt_config)
-        self.scheduler = build_scheduler(self.optimizer, opt_config)
+        self.eval_history: list[dict[str, Any]] = []
+        self.pad_id = int(processor.tokenizer.pad_token_id)
+        super().__init__(model, config, callbacks=callbacks, resume=resume)
         self.engine: RolloutEngine = engine or HFRolloutEngine(
             model,
             processor,
@@ -184,16 +155,71 @@ class RLTrainer:
             answer_tokens=config.answer_tokens,
             batch_size=config.rollout_batch_size,
         )
-        self.pad_id = int(processor.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ TrainingLoop hooks
+
+    def extra_state(self) -> dict[str, Any]:
+        """Evaluation history and reward-failure counters."""
+        return {
+            "eval_history": self.eval_history,
+            "reward_errors": self.reward.errors,
+            "reward_timeouts": self.reward.timeouts,
+        }
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+        self.eval_history = list(extra.get("eval_history", []))
+        self.reward.errors = int(extra.get("reward_errors", 0))
+        self.reward.timeouts = int(extra.get("reward_timeouts", 0))
+
+    def on_train_start(self) -> None:
+        """Evaluate the starting policy (a fresh run only)."""
+        if self.step == 0 and self.eval_samples and not self.eval_history:
+            self.eval_history.append(self._eval_record(0))
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        """Held-out evaluation every ``eval_every`` steps and after the last one (added to the record)."""
+        cfg, done = self.config, self.step
+        if self.eval_samples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
+            ev = self._eval_record(done)
+            self.eval_history.append(ev)
+            record.update({k: v for k, v in ev.items() if k != "step"})
+
+    def plot(self, records: Sequence[dict[str, Any]]) -> Path | None:
+        """``reward_curve.png``: train reward per step and held-out reward per evaluation."""
+        return plot_reward_curve(records, self.eval_history, self.output_dir / REWARD_PLOT)
+
+    def finish(self, result: TrainResult) -> RLResult:
+        """The :class:`RLResult`; warns when most steps had no learning signal."""
+        no_signal = sum(bool(r.get("no_signal")) for r in result.records)
+        if result.records and no_signal > len(result.records) / 2:
+            warnings.warn(
+                f"{no_signal} of {len(result.records)} RL steps had no learning signal (every response of every "
+                "group got the same reward), so they changed nothing: the prompts are too easy or too hard for "
+                "the policy, the reward cannot tell responses apart, or group_size is 1",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        fields = {k: getattr(result, k) for k in result.__dataclass_fields__}
+        return RLResult(**fields, eval_history=list(self.eval_history), no_signal_steps=no_signal)
+
+    def train(self) -> RLResult:
+        """Run ``max_steps`` RL steps (see :meth:`vl_train.TrainingLoop.train`); returns an :class:`RLResult`."""
+        result = super().train()
+        assert isinstance(result, RLResult)
+        return result
 
     # ------------------------------------------------------------------ pieces of a step
 
     def _draw(self, step: int, round_: int, n: int) -> list[dict[str, Any]]:
+        """This rank's share of the ``n`` prompts drawn for ``(step, round_)`` (the same draw on every rank)."""
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 101 + round_)
         order = torch.randperm(len(self.train_samples), generator=gen).tolist()
         while len(order) < n:  # fewer samples than prompts per step: draw with repeats
             order += torch.randperm(len(self.train_samples), generator=gen).tolist()
-        return [self.train_samples[i] for i in order[:n]]
+        share = n // world_size()
+        mine = order[:n][rank() * share : (rank() + 1) * share]
+        return [self.train_samples[i] for i in mine]
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """``[N, G]`` rewards of a rollout (failures score 0 and are counted by the SafeReward)."""
@@ -209,7 +235,7 @@ class RLTrainer:
         n, g = cfg.prompts_per_step, cfg.group_size
 
         def groups(k: int, round_: int = 0) -> tuple[Rollout, torch.Tensor]:
-            rollout = self.engine.generate(self._draw(step, round_, k), g)
+            rollout = self.engine.generate(self._draw(step, round_, k * world_size()), g)
             return rollout, self.score(rollout)
 
         if cfg.dynamic_sampling:
@@ -221,20 +247,21 @@ class RLTrainer:
                 parts.append(rollout)
                 return [(len(parts) - 1, i) for i in range(k)], rewards
 
-            fill = DynamicSampler(on_shortfall="warn").fill_batch(generate_groups, n, cfg.max_sample_rounds)
+            share = n // world_size()
+            fill = DynamicSampler(on_shortfall="warn").fill_batch(generate_groups, share, cfg.max_sample_rounds)
             info.update(sample_rounds=fill.rounds, groups_generated=fill.generated)
             if not fill.groups:
                 last = parts[-1]
                 return subset_groups(last, []), torch.empty(0, g), info
             chosen = [subset_groups(parts[p], [i]) for p, i in fill.groups]
             return concat_rollouts(chosen, self.pad_id), fill.rewards.float(), info
-        rollout, rewards = groups(n)
+        rollout, rewards = groups(n // world_size())
         info["train_reward_all"] = float(rewards.mean())
         if cfg.filter_solved is not None:
             rates = (rewards >= cfg.pass_threshold).float().mean(1)
             keep = [i for i, r in enumerate(rates.tolist()) if r <= cfg.filter_solved]
-            info["groups_filtered"] = n - len(keep)
-            if len(keep) < n:
+            info["groups_filtered"] = len(rates) - len(keep)
+            if len(keep) < len(rates):
                 return subset_groups(rollout, keep), rewards[keep], info
         return rollout, rewards, info
 
@@ -244,23 +271,34 @@ class RLTrainer:
             return torch.zeros_like(rewards)
         return group_advantages(rewards, self.config.advantage_scale)
 
+    def _scored(self, model: nn.Module, rollout: Rollout, rows: Sequence[int], **kw: Any) -> Any:
+        seqs, _, inputs = select_rows(rollout, rows)
+        return root_forward(
+            model,
+            completion_logprobs,
+            model,
+            seqs.to(self.device),
+            {k: v.to(self.device) for k, v in inputs.items()},
+            rollout.prompt_length,
+            temperature=self.config.temperature,
+            **kw,
+        )
+
     @torch.no_grad()
     def _logprobs(self, model: nn.Module, rollout: Rollout, name: str) -> torch.Tensor:
+        rows, size = rollout.sequences.shape[0], self.config.logprob_batch_size
         was_training = model.training
         model.eval()
         out = []
         try:
-            rows = rollout.sequences.shape[0]
-            for start in range(0, rows, self.config.logprob_batch_size):
-                idx = list(range(start, min(rows, start + self.config.logprob_batch_size)))
-                seqs, _, inputs = select_rows(rollout, idx)
-                lp, _ = rollout_logprobs(
-                    model, seqs, inputs, rollout.prompt_length, temperature=self.config.temperature
-                )
-                out.append(lp)
+            for k in range(agreed(-(-rows // size), max)):  # every rank runs as many forwards
+                idx = list(range(k * size, min(rows, (k + 1) * size))) or [0]
+                lp, _ = self._scored(model, rollout, idx)
+                if k * size < rows:
+                    out.append(lp)
         finally:
             model.train(was_training)
-        logprobs = torch.cat(out)
+        logprobs = torch.cat(out).cpu() if out else torch.zeros(0, rollout.completion_mask.shape[1])
         bad = int((~torch.isfinite(logprobs) & rollout.completion_mask).sum())
         if bad:
             raise FloatingPointError(
@@ -269,27 +307,37 @@ class RLTrainer:
             )
         return logprobs
 
+    def _aggregation_share(self, mask: torch.Tensor) -> float:
+        """This rank's share of the global mini-batch's aggregation weight, times ``W`` (1 for one process)."""
+        aggregation = METHOD_DEFAULTS[self.config.method][2]
+        if aggregation == "token_mean":
+            local = float(mask.sum())
+        elif aggregation == "const":
+            local = float(mask.shape[0])
+        else:  # seq_mean (and gspo's mean over sequences): sequences with a trained token
+            local = float(mask.any(1).sum())
+        total = agreed(local, sum)
+        return local / total * world_size() if total > 0 else 0.0
+
     def _update(
         self, rollout: Rollout, adv: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, step: int
     ) -> dict[str, float]:
         cfg = self.config
         rows = rollout.sequences.shape[0]
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step + 104_729 * rank())
         sums: dict[str, list[float]] = {}
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        nonfinite = 0
         self.model.train()
         for _ in range(cfg.epochs):
             order = torch.randperm(rows, generator=gen)
-            for part in torch.tensor_split(order, min(cfg.mini_batches, rows)):
-                idx = part.tolist()
-                seqs, mask, inputs = select_rows(rollout, idx)
-                logp, entropy = rollout_logprobs(
-                    self.model, seqs, inputs, rollout.prompt_length, temperature=cfg.temperature, with_entropy=True
-                )
+            for part in torch.tensor_split(order, cfg.mini_batches):
+                idx = part.tolist() or [0]  # an empty part still runs (zero weight) to keep ranks in step
+                mask = rollout.completion_mask[idx].to(self.device) & bool(part.numel())
+                logp, entropy = self._scored(self.model, rollout, idx, with_entropy=True)
                 loss, metrics = policy_loss(
                     logp,
-                    old[part],
-                    adv[part],
+                    old[idx].to(self.device),
+                    adv[idx].to(self.device),
                     mask,
                     method=cfg.method,  # type: ignore[arg-type]
                     clip_low=cfg.clip_low,
@@ -297,26 +345,27 @@ class RLTrainer:
                     tau_pos=cfg.tau_pos,
                     tau_neg=cfg.tau_neg,
                     max_tokens=max(cfg.max_new_tokens, int(mask.shape[1])),
-                    ref_logprobs=None if ref is None else ref[part],
+                    ref_logprobs=None if ref is None else ref[idx].to(self.device),
                     kl_coef=cfg.kl_coef,
                     kl_estimator=cfg.kl_estimator,
                     entropy=entropy,
+                    check_finite=False,
                 )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else math.inf)
-                self.optimizer.step()
+                (loss * self._aggregation_share(mask)).backward()
+                norm, stepped = self.optimizer_step(loss.detach())
+                nonfinite += int(not stepped)
                 sums.setdefault("loss", []).append(float(loss.detach()))
-                sums.setdefault("grad_norm", []).append(float(norm))
+                sums.setdefault("grad_norm", []).append(norm)
                 for key, value in metrics.items():
                     sums.setdefault(key, []).append(float(value))
-        self.optimizer.zero_grad(set_to_none=True)
-        return {k: _mean(v) for k, v in sums.items()}
+        out = {k: _mean(v) for k, v in sums.items()}
+        out["nonfinite_updates"] = nonfinite
+        return out
 
-    def step(self, step: int) -> dict[str, Any]:
+    def train_step(self) -> dict[str, Any]:
         """One RL step (rollout, rewards, advantages, updates); returns its metrics record."""
-        cfg = self.config
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # responses depend only on (seed, step, weights)
+        cfg, step = self.config, self.step
+        torch.manual_seed(cfg.seed * 1_000_003 + step + 7_777 * rank())  # responses depend on (seed, step, rank)
         start = time.perf_counter()
         calls, errors = self.reward.calls, self.reward.errors
         rollout, rewards, info = self._rollout(step)
@@ -327,7 +376,7 @@ class RLTrainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        record: dict[str, Any] = {"step": step + 1, **info}
+        record: dict[str, Any] = dict(info)
         record["rollout_s"] = time.perf_counter() - start
         if rewards.numel():
             mask = rollout.completion_mask
@@ -341,28 +390,37 @@ class RLTrainer:
             )
         record.update(reward_errors=self.reward.errors, reward_timeouts=self.reward.timeouts)
         adv = self.advantages(rewards).reshape(-1) if rewards.numel() else rewards.reshape(-1)
-        if rewards.numel() == 0 or not bool(adv.abs().gt(0).any()):
-            record["skipped"] = True  # no group with a learning signal: nothing to update
-        else:
+        signal = agreed(int(rewards.numel() > 0 and bool(adv.abs().gt(0).any())), max)
+        record["no_signal"] = not signal
+        record["skipped"] = False
+        if signal:
             update_start = time.perf_counter()
+            if not rewards.numel():  # this rank kept no group: zero-weight passes keep the collectives in step
+                rollout, adv = self._placeholder_rollout(rollout), torch.zeros(1)
             old = self._logprobs(self.model, rollout, "rollout policy")
             ref = self._logprobs(self.ref_model, rollout, "reference model") if self.ref_model is not None else None
             record.update(self._update(rollout, adv, old, ref, step))
             record["update_s"] = time.perf_counter() - update_start
-            record["skipped"] = False
+            record["skipped"] = record["nonfinite_updates"] > 0
             sync = getattr(self.engine, "sync_weights", None)
             if callable(sync):  # an external engine (vLLM) samples with a copy of the weights
                 sync(self.model)
-        with warnings.catch_warnings():  # a skipped step advances the schedule without an optimiser step
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            self.scheduler.step()
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         return record
 
-    # ------------------------------------------------------------------ public loop
+    def _placeholder_rollout(self, rollout: Rollout) -> Rollout:
+        """One untrained row (its mask all False) standing in for an empty rollout on this rank."""
+        if rollout.sequences.shape[0]:
+            return subset_groups(rollout, [0]) if rollout.samples else rollout
+        sample = self._draw(self.step, 0, world_size())[0]
+        one = self.engine.generate([sample], 1, greedy=True)
+        one.completion_mask = torch.zeros_like(one.completion_mask)
+        return one
+
+    # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, samples: Sequence[dict[str, Any]] | None = None) -> EvalResult:
-        """Greedy held-out evaluation on ``samples`` (default: ``eval_samples``).
+        """Held-out evaluation on ``samples`` (default: ``eval_samples``); every rank scores a share.
 
         Raises:
             ValueError: No samples given and no ``eval_samples``.
@@ -370,11 +428,14 @@ class RLTrainer:
         chosen = list(samples) if samples is not None else self.eval_samples
         if not chosen:
             raise ValueError("no samples to evaluate: pass samples or give RLTrainer eval_samples")
-        cfg = self.config
-        return evaluate(
+        cfg, world = self.config, world_size()
+        share = -(-len(chosen) // world)
+        mine = chosen[rank() * share : (rank() + 1) * share]
+        padded = mine + [chosen[0]] * (share - len(mine))  # equal counts: the same generate calls on every rank
+        result = evaluate(
             self.model,
             self.processor,
-            chosen,
+            padded,
             self.reward,
             max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
             thinking=cfg.thinking,
@@ -384,68 +445,16 @@ class RLTrainer:
             temperature=cfg.temperature,
             seed=cfg.seed,
         )
+        if world == 1:
+            return result
+        k = len(result.rewards) // len(padded)
+        local = [
+            (s, result.rewards[i * k : (i + 1) * k], result.responses[i * k : (i + 1) * k]) for i, s in enumerate(mine)
+        ]
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, local)
+        return merge_results([item for part in gathered for item in part])
 
     def _eval_record(self, step: int) -> dict[str, Any]:
         result = self.evaluate()
         return {"step": step, "eval_reward": result.mean, **{f"eval_reward/{t}": v for t, v in result.per_task.items()}}
-
-    def train(self) -> RLResult:
-        """Run ``max_steps`` RL steps (from the latest checkpoint when resuming); see the module docstring."""
-        from vl_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-        from vl_train.metrics import MetricsLogger
-        from vl_train.trainer import check_output_dir
-
-        cfg = self.config
-        out = check_output_dir(cfg.output_dir)
-        first, history, evals = 0, [], []
-        last_ckpt = latest_checkpoint(out) if self.resume else None
-        if last_ckpt is not None:
-            state = load_checkpoint(last_ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-            first, history = state.step, list(state.metrics)
-            evals = list(state.extra.get("eval_history", []))
-            self.reward.errors = int(state.extra.get("reward_errors", 0))
-            self.reward.timeouts = int(state.extra.get("reward_timeouts", 0))
-        logger = MetricsLogger(
-            out, total_steps=cfg.max_steps, tensorboard=cfg.tensorboard, progress=cfg.progress, history=history
-        )
-        checkpoint = last_ckpt
-        try:
-            if first == 0 and self.eval_samples:
-                evals.append(self._eval_record(0))
-            for step in range(first, cfg.max_steps):
-                record = self.step(step)
-                done = step + 1
-                if self.eval_samples and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps):
-                    ev = self._eval_record(done)
-                    evals.append(ev)
-                    record.update({k: v for k, v in ev.items() if k != "step"})
-                logger.log(record)
-                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-                    checkpoint = save_checkpoint(
-                        out,
-                        step=done,
-                        model=self.model,
-                        optimizer=self.optimizer,
-                        scheduler=self.scheduler,
-                        metrics=logger.records,
-                        extra={
-                            "eval_history": evals,
-                            "reward_errors": self.reward.errors,
-                            "reward_timeouts": self.reward.timeouts,
-                            "config": cfg.to_dict(),
-                        },
-                        keep_last=cfg.keep_last,
-                    )
-                for callback in self.callbacks:
-                    callback(self, done, record)
-        finally:
-            logger.close(plot=False)
-        plot = plot_reward_curve(logger.records, evals, out / REWARD_PLOT) if cfg.plot else None
-        return RLResult(
-            steps=cfg.max_steps,
-            records=logger.records,
-            eval_history=evals,
-            output_dir=out,
-            plot=plot,
-            checkpoint=checkpoint,
-        )

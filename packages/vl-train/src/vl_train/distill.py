@@ -32,11 +32,13 @@ import torch
 from torch import nn
 
 from .distill_losses import forward_kl, generalized_jsd, reverse_kl_sampled
+from .logprobs import token_logprobs
 from .losses import LossOutput, Reduction, lm_loss
 
 __all__ = [
     "DistillStepOutput",
     "completion_mask",
+    "model_inputs",
     "off_policy_distill_loss",
     "on_policy_distill_step",
     "sample_completions",
@@ -72,7 +74,8 @@ class DistillStepOutput:
     details: LossOutput
 
 
-def _model_inputs(batch: Mapping[str, Any], keys: tuple[str, ...] = _MODEL_KEYS) -> dict[str, Any]:
+def model_inputs(batch: Mapping[str, Any], keys: tuple[str, ...] = _MODEL_KEYS) -> dict[str, Any]:
+    """The entries of ``batch`` that are model inputs (``keys``) and not ``None``."""
     return {k: batch[k] for k in keys if batch.get(k) is not None}
 
 
@@ -118,7 +121,7 @@ def sample_completions(
     student.eval()
     try:
         sequences = student.generate(  # type: ignore[operator]
-            **_model_inputs(batch, _PROMPT_KEYS),
+            **model_inputs(batch, _PROMPT_KEYS),
             do_sample=True,
             temperature=temperature,
             top_k=0,
@@ -136,7 +139,7 @@ def sample_completions(
 
 def _extended_inputs(batch: Mapping[str, Any], sequences: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     """Model inputs for ``sequences``: the prompt's visual inputs, masks extended over the completion."""
-    inputs = _model_inputs(batch, _PROMPT_KEYS)
+    inputs = model_inputs(batch, _PROMPT_KEYS)
     prompt_mask = batch.get("attention_mask")
     if prompt_mask is None:
         prompt_mask = torch.ones_like(batch["input_ids"])
@@ -148,30 +151,10 @@ def _extended_inputs(batch: Mapping[str, Any], sequences: torch.Tensor, mask: to
     return inputs
 
 
-def _head_weight(model: nn.Module) -> torch.Tensor:
-    weight = getattr(getattr(model, "lm_head", None), "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(model).__name__} has no lm_head.weight tensor")
-    return weight
-
-
 def _completion_hidden(model: nn.Module, inputs: Mapping[str, Any], steps: int) -> torch.Tensor:
     """``[B, T, D]`` final hidden states at the positions that predict the ``T`` completion tokens."""
-    hidden = model.model(**inputs).last_hidden_state  # type: ignore[operator]
+    hidden = model.forward_hidden(**inputs).last_hidden_state  # type: ignore[operator]
     return hidden[:, -steps - 1 : -1]
-
-
-def _token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int
-) -> torch.Tensor:
-    """``log softmax(h W^T / temperature)[token]`` per position, ``chunk_size`` positions at a time."""
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-    out = []
-    for start in range(0, flat_h.shape[0], chunk_size):
-        logits = (flat_h[start : start + chunk_size] @ weight.T).float() / temperature
-        logp = torch.log_softmax(logits, -1)
-        out.append(logp.gather(-1, flat_t[start : start + chunk_size, None]).squeeze(-1))
-    return torch.cat(out).reshape(tokens.shape) if out else hidden.new_zeros(tokens.shape)
 
 
 def sampled_distill_loss(
@@ -219,13 +202,14 @@ def sampled_distill_loss(
     tokens = sequences[:, prompt_len:]
     with torch.no_grad():
         teacher_hidden = _completion_hidden(teacher, inputs, steps)
-        teacher_weight = _head_weight(teacher)
+        teacher_weight = teacher.output_weight()  # type: ignore[operator]
     student_hidden = _completion_hidden(student, inputs, steps)
-    weight = _head_weight(student)
+    weight = student.output_weight()  # type: ignore[operator]
     if loss == "reverse_kl":
+        kw = {"temperature": temperature, "chunk_size": chunk_size}
         with torch.no_grad():
-            teacher_lp = _token_logprobs(teacher_hidden, teacher_weight, tokens, temperature, chunk_size)
-        student_lp = _token_logprobs(student_hidden, weight, tokens, temperature, chunk_size)
+            teacher_lp, _ = token_logprobs(teacher_hidden, teacher_weight, tokens, **kw)  # type: ignore[arg-type]
+        student_lp, _ = token_logprobs(student_hidden, weight, tokens, **kw)  # type: ignore[arg-type]
         return reverse_kl_sampled(student_lp, teacher_lp, mask=mask, reduction=reduction, normalizer=normalizer)
     with torch.no_grad():
         teacher_logits = (teacher_hidden @ teacher_weight.T).float()
@@ -263,7 +247,7 @@ def on_policy_distill_step(
     accumulation and the global normaliser work as in the trainer).
 
     Args:
-        student: The student model (``VLForConditionalGeneration``-like: ``generate``, ``.model``, ``.lm_head``).
+        student: The student, a :class:`vl_model.TrainableVLM` that can ``generate``.
         teacher: The teacher, same vocabulary; frozen.
         batch: Left-padded prompts: ``input_ids`` ``[B, P]``, ``attention_mask`` and visual inputs.
         loss: ``"reverse_kl"`` or ``"jsd"``.
@@ -339,10 +323,10 @@ def off_policy_distill_loss(
     """
     if loss not in ("forward_kl", "jsd"):
         raise ValueError(f"off-policy divergence must be 'forward_kl' or 'jsd', got {loss!r}")
-    hidden = student.model(**_model_inputs(batch)).last_hidden_state[:, :-1]  # type: ignore[operator]
+    hidden = student.forward_hidden(**model_inputs(batch)).last_hidden_state[:, :-1]  # type: ignore[operator]
     targets = batch["labels"][:, 1:]
     segments = batch["segment_ids"][:, 1:] if batch.get("segment_ids") is not None else None
-    weight = _head_weight(student)
+    weight = student.output_weight()  # type: ignore[operator]
     ce = lm_loss(
         hidden, weight, targets, segment_ids=segments, reduction=reduction, chunk_size=chunk_size, normalizer=normalizer
     )

@@ -30,14 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill import _head_weight, _model_inputs, off_policy_distill_loss, sample_completions, sampled_distill_loss
+from .config import DistillSpec, TrainConfig
+from .data.messages import prompt_inputs
+from .distill import model_inputs, off_policy_distill_loss, sample_completions, sampled_distill_loss
 from .losses import IGNORE_INDEX, global_loss_normalizer, loss_normalizer
 from .parallel import world_size
-from .stages import DistillSpec, distill_spec
-from .teacher import prompt_inputs
+from .stages import distill_spec
 from .trainer import Trainer, TrainResult
 
-__all__ = ["TEACHER_KEYS", "DistillTrainer", "PromptBatches", "collate_prompts", "run_distill", "teacher_spec"]
+__all__ = ["TEACHER_KEYS", "DistillTrainer", "PromptBatches", "check_teacher", "run_distill", "teacher_spec"]
 
 TEACHER_KEYS = {
     "model",
@@ -50,8 +51,6 @@ TEACHER_KEYS = {
     "base_penalty",
     "short_penalty",
 }
-_PAD_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
-_CAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def teacher_spec(section: Mapping[str, Any], base: DistillSpec) -> DistillSpec:
@@ -72,32 +71,6 @@ def teacher_spec(section: Mapping[str, Any], base: DistillSpec) -> DistillSpec:
     return DistillSpec(**{**base.to_dict(), **fields})
 
 
-def collate_prompts(prompts: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad ``[1, P_i]`` prompt inputs into one ``[B, P]`` batch; visual inputs are concatenated.
-
-    Raises:
-        ValueError: No prompts, or a prompt that is not a single row.
-    """
-    if not prompts:
-        raise ValueError("collate_prompts needs at least one prompt")
-    bad = [i for i, p in enumerate(prompts) if p["input_ids"].dim() != 2 or p["input_ids"].shape[0] != 1]
-    if bad:
-        raise ValueError(f"prompts {bad} are not single rows [1, P]")
-    longest = max(int(p["input_ids"].shape[1]) for p in prompts)
-    out: dict[str, torch.Tensor] = {}
-    for key, fill in _PAD_KEYS.items():
-        if key not in prompts[0]:
-            continue
-        value = pad_token_id if fill is None else fill
-        rows = [torch.cat([p[key].new_full((1, longest - p[key].shape[1]), value), p[key]], dim=1) for p in prompts]
-        out[key] = torch.cat(rows)
-    for key in _CAT_KEYS:
-        parts = [p[key] for p in prompts if key in p]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
-
-
 class PromptBatches(Iterator[dict[str, torch.Tensor]]):
     """Endless batches of ``rows`` left-padded prompts from a sample stream (the final assistant turn dropped).
 
@@ -106,7 +79,8 @@ class PromptBatches(Iterator[dict[str, torch.Tensor]]):
 
     Args:
         samples: An endless sample iterator, e.g. a :class:`~vl_train.data.mixture.MixtureSampler`.
-        processor: Renders and encodes each prompt (:func:`vl_train.teacher.prompt_inputs`).
+        processor: Encodes each prompt (:func:`vl_train.data.messages.prompt_inputs`) and left-pads
+            them (``VLProcessor.pad_prompts``).
         rows: Prompts per batch.
     """
 
@@ -117,7 +91,7 @@ class PromptBatches(Iterator[dict[str, torch.Tensor]]):
 
     def __next__(self) -> dict[str, torch.Tensor]:
         prompts = [prompt_inputs(self.processor, next(self.samples)) for _ in range(self.rows)]
-        return collate_prompts(prompts, int(self.processor.tokenizer.pad_token_id))
+        return self.processor.pad_prompts(prompts)
 
     def state_dict(self) -> Any:
         """The sample stream's state (``None`` when it has none)."""
@@ -132,14 +106,15 @@ class PromptBatches(Iterator[dict[str, torch.Tensor]]):
 class DistillTrainer(Trainer):
     """A :class:`~vl_train.trainer.Trainer` whose step loss is a distillation loss to a frozen teacher.
 
-    On-policy (``config.extra["distill"]["mode"] == "on_policy"``) the batches are prompts
+    On-policy (``config.distill.mode == "on_policy"``) the batches are prompts
     (:class:`PromptBatches`); off-policy they are training batches (``labels``) and the loss is the
     forward KL / JSD to the teacher's distributions. Other arguments as for ``Trainer``.
 
     Args:
         model: The student.
         teacher: The teacher, same vocabulary; frozen here and kept in eval mode.
-        *args: As for :class:`~vl_train.trainer.Trainer`.
+        config: The run's settings, with a ``distill`` spec (:func:`vl_train.stages.Distill`).
+        train_batches: Prompt batches (on-policy) or labelled batches (off-policy).
         **kwargs: As for :class:`~vl_train.trainer.Trainer`.
 
     Raises:
@@ -147,17 +122,25 @@ class DistillTrainer(Trainer):
             vocabularies differ, or more than one process runs.
     """
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        config: TrainConfig,
+        train_batches: Iterator[dict[str, Any]],
+        **kwargs: Any,
+    ) -> None:
         if world_size() > 1:
             raise ValueError("distillation runs on one process; launch it without torchrun")
-        super().__init__(model, *args, **kwargs)
-        self.spec = distill_spec(self.config)
+        self.spec = distill_spec(config)
         if self.spec.mode == "off_policy" and self.spec.loss == "ce":
             raise ValueError("off-policy 'ce' distillation is SFT on teacher-written data: use Trainer")
-        student_vocab, teacher_vocab = _head_weight(self.model).shape[0], _head_weight(teacher).shape[0]
+        student_vocab = model.output_weight().shape[0]  # type: ignore[operator]
+        teacher_vocab = teacher.output_weight().shape[0]  # type: ignore[operator]
         if student_vocab != teacher_vocab:
             raise ValueError(f"teacher vocabulary {teacher_vocab} differs from the student's {student_vocab}")
         self.teacher = teacher.requires_grad_(False).eval()
+        super().__init__(model, config, train_batches, **kwargs)
 
     def accumulate(self, micro: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of the step's micro-batches with the distillation loss; returns ``(loss, 0)``."""
@@ -192,8 +175,8 @@ class DistillTrainer(Trainer):
         for batch in micro:
             keep = batch["labels"][:, 1:] != IGNORE_INDEX
             with torch.no_grad():
-                hidden = self.teacher.model(**_model_inputs(batch)).last_hidden_state[:, :-1][keep]  # type: ignore[operator]
-                teacher_logits = (hidden @ _head_weight(self.teacher).T).float()
+                hidden = self.teacher.forward_hidden(**model_inputs(batch)).last_hidden_state[:, :-1][keep]  # type: ignore[operator]
+                teacher_logits = (hidden @ self.teacher.output_weight().T).float()  # type: ignore[operator]
             loss = off_policy_distill_loss(
                 self.model,
                 batch,
@@ -210,34 +193,53 @@ class DistillTrainer(Trainer):
         return total, torch.zeros_like(total)
 
 
-def run_distill(recipe: Mapping[str, Any], config: Any, model: nn.Module, processor: Any) -> TrainResult:
+def check_teacher(recipe: Mapping[str, Any], config: TrainConfig) -> bool:
+    """Whether the recipe distils (a ``distill`` spec in its config); its ``[teacher]`` section is checked.
+
+    Raises:
+        ValueError: ``[teacher]`` without a distillation preset, a distillation preset without ``[teacher]``,
+            or a bad ``[teacher]`` section (see :func:`teacher_spec`).
+    """
+    if config.distill is None:
+        if "teacher" in recipe:
+            raise ValueError(f"[teacher] is only used with preset = 'Distill', not {config.stage!r}")
+        return False
+    if "teacher" not in recipe:
+        raise ValueError("preset 'Distill' needs a [teacher] section with model = the teacher's folder")
+    teacher_spec(dict(recipe["teacher"]), distill_spec(config))
+    return True
+
+
+def run_distill(
+    recipe: Mapping[str, Any], config: TrainConfig, model: nn.Module, processor: Any, *, resume: bool = False
+) -> TrainResult:
     """Run the distillation a recipe describes (``preset`` Distill, a ``[teacher]`` section); see the module doc.
 
     Args:
         recipe: The checked recipe (``[teacher]``, ``[data]``).
-        config: Its ``TrainConfig`` (``stage="Distill"``; the spec in ``extra["distill"]``).
+        config: Its ``TrainConfig`` (with a ``distill`` spec).
         model: The student.
         processor: The student's (and teacher's) processor.
+        resume: Continue from the latest checkpoint in the output folder.
 
     Raises:
         ValueError: A bad ``[teacher]`` section (see :func:`teacher_spec`) or a teacher that does not fit.
         FileNotFoundError: No model in the teacher folder.
     """
-    from vl_model import VLForConditionalGeneration
-
-    from .cli import build_data, build_mixture, weights_folder
+    from .builders import build_data, build_mixture, check_processor, load_model
     from .teacher import generate_teacher_data
 
     section = dict(recipe.get("teacher") or {})
     spec = teacher_spec(section, distill_spec(config))
-    config = config.replace(extra={**config.extra, "distill": spec.to_dict()})
-    teacher = VLForConditionalGeneration.from_pretrained(str(weights_folder(str(section["model"]))))
+    config = config.replace(distill=spec)
+    teacher = load_model(str(section["model"]))
+    check_processor(teacher, processor)
     data = dict(recipe.get("data", {}))
     if spec.mode == "on_policy":
         prompts = PromptBatches(build_mixture(data, config), processor, config.micro_batch_size)
-        return DistillTrainer(model, teacher, config, prompts).train()
+        return DistillTrainer(model, teacher, config, prompts, resume=resume).train()
     if spec.loss != "ce":
-        return DistillTrainer(model, teacher, config, build_data(data, processor, config)).train()
+        return DistillTrainer(model, teacher, config, build_data(data, processor, config), resume=resume).train()
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     mixture = build_mixture(data, config)
@@ -246,4 +248,4 @@ def run_distill(recipe: Mapping[str, Any], config: Any, model: nn.Module, proces
     jsonl = output / "teacher_data" / "teacher_data.jsonl"
     generate_teacher_data(teacher, processor, samples, max_new_tokens=spec.max_new_tokens, output=jsonl, **penalties)
     sft_data = {"kind": "jsonl", "path": str(jsonl), "seed": data.get("seed", config.seed)}
-    return Trainer(model, config, build_data(sft_data, processor, config)).train()
+    return Trainer(model, config, build_data(sft_data, processor, config), resume=resume).train()

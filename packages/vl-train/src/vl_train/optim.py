@@ -1,7 +1,7 @@
 """AdamW with one parameter group per model part and a linear-warm-up + cosine-decay schedule.
 
 Qwen3-VL trains the vision tower, the merger and the LLM at different rates in some stages
-(REFERENCE.md section 4); here every part gets its own peak rate (``TrainConfig.part_lr``), and
+(REFERENCE.md section 4); here every part gets its own peak rate (``OptimConfig.part_lr``), and
 inside a part biases and norm weights (1-D parameters) get no weight decay, as is usual for AdamW
 (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019).
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from vl_model.parts import part_parameters
 
-from .config import PARTS, TrainConfig
+from .config import PARTS, OptimConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
@@ -51,7 +51,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() < 2 or "norm" in name.lower()
 
 
-def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, config: OptimConfig) -> list[dict[str, Any]]:
     """AdamW groups: for each trainable part, one group with decay and one without.
 
     Only parameters with ``requires_grad`` are included (freeze parts first). Each group carries
@@ -85,21 +85,21 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
         add(part, config.part_lr(part), params)
     add("other", config.lr, [p for p in model.parameters() if p.requires_grad and id(p) not in seen])
     if not groups:
-        raise ValueError(f"no trainable parameters (config.trainable={config.trainable}); nothing to optimise")
+        raise ValueError("no trainable parameters (every part is frozen); nothing to optimise")
     return groups
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over :func:`param_groups` with the config's betas and epsilon."""
     return torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=config.betas, eps=config.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` applying :func:`lr_factor` to every group's peak rate (step 0 is already scaled)."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` applying :func:`lr_factor` over ``max_steps`` to every group's peak rate (step 0 is already scaled)."""
 
     def factor(step: int) -> float:
-        return lr_factor(
-            step, warmup_steps=config.warmup_steps, max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio
-        )
+        return lr_factor(step, warmup_steps=config.warmup_steps, max_steps=max_steps, min_lr_ratio=config.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -7,23 +7,22 @@ on every transformer block, then on the root, and :func:`checkpoint_blocks` reco
 activations in backward (``torch.utils.checkpoint``, non-reentrant), which the long-context stages
 (S3, SFT at 256K; REFERENCE.md section 4) need.
 
-FSDP units (found by attribute name; :func:`shard_units` lists them):
+FSDP units (asked from the model, :class:`vl_model.TrainableVLM`; :func:`shard_units` lists them):
 
-- each decoder layer: ``model.language_model.layers[i]`` (also accepted:
-  ``model.model.language_model.layers``, the core ``VLForConditionalGeneration``, and
-  ``model.language_model.model.layers``, a composed model whose LM is a Hugging Face causal LM);
-- each tower block: ``visual.blocks[i]`` (under ``model.model`` or ``model``);
-- the merge head ``visual.merger`` and the DeepStack mergers ``visual.deepstack_merger_list``;
-- the root: everything else (token embedding, final norm, ``lm_head``, patch / position
-  embeddings). Tied ``lm_head.weight`` / ``embed_tokens.weight`` are one parameter, so they must live
-  in one unit: the root holds both.
+- each decoder layer (``model.decoder_layers()``), for the core model and composed ones alike;
+- each tower block (``model.vision_tower().blocks``);
+- the merge head ``merger`` and the DeepStack mergers ``deepstack_merger_list`` of the tower;
+- the root: everything else (token embedding, final norm, output head, patch / position
+  embeddings). A tied output head and token embedding are one parameter, so they must live in one
+  unit: the root holds both.
 
-The loss uses ``lm_head.weight`` outside ``lm_head``'s forward (``lm_loss`` projects only labelled
-positions, in chunks), and trainers call ``model.model(...)`` rather than ``model(...)``. FSDP2 only
-all-gathers a unit's parameters inside that module's forward, so run the whole step computation
-(hidden states and loss) through :func:`root_forward`: it runs a function as a forward of the root
-(``torch.distributed.fsdp.register_fsdp_forward_method``), so the root's parameters are gathered for
-it and their gradients reduce-scattered in backward. Without FSDP it just calls the function.
+The loss uses ``model.output_weight()`` outside the head's forward (``lm_loss`` projects only
+labelled positions, in chunks), and trainers call ``model.forward_hidden(...)`` rather than
+``model(...)``. FSDP2 only all-gathers a unit's parameters inside that module's forward, so run the
+whole step computation (hidden states and loss) through :func:`root_forward`: it runs a function as a
+forward of the root (``torch.distributed.fsdp.register_fsdp_forward_method``), so the root's
+parameters are gathered for it and their gradients reduce-scattered in backward. Without FSDP it just
+calls the function.
 
 FSDP2 averages gradients over ranks: with a global loss normaliser (``vl_train.losses``) multiply each
 rank's loss by :func:`world_size` before ``backward``.
@@ -59,8 +58,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_DECODER_PATHS = ("model.language_model.layers", "language_model.layers", "language_model.model.layers")
-_TOWER_PATHS = ("model.visual", "visual")
 _MERGER_NAMES = ("merger", "deepstack_merger_list")
 _ROOT_CALL = "_vl_train_root_call"
 _CHECKPOINTED = "_vl_train_checkpointed"
@@ -134,55 +131,39 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def _attr_path(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
+def _named(model: nn.Module, modules: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names.get(id(m), type(m).__name__), m) for m in modules]
 
 
-def _blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
-    """``(name, block)`` of every decoder layer and tower block, and the tower (or None)."""
-    for path in _DECODER_PATHS:
-        layers = _attr_path(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            break
-    else:
+def _blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]], nn.Module]:
+    """``(decoder layers, tower blocks, tower)`` of a :class:`vl_model.TrainableVLM`, named."""
+    layers_of = getattr(model, "decoder_layers", None)
+    tower_of = getattr(model, "vision_tower", None)
+    if not callable(layers_of) or not callable(tower_of):
         raise ValueError(
-            f"{type(model).__name__} has no decoder layers at any of {list(_DECODER_PATHS)} "
-            "(an nn.ModuleList); parallelize knows the vl_model layouts only"
+            f"{type(model).__name__} has no decoder_layers() / vision_tower(): parallelize takes the models of "
+            "vl_model (VLForConditionalGeneration, ComposedVLForConditionalGeneration; see vl_model.runtime)"
         )
-    found = [(f"{path}.{i}", layer) for i, layer in enumerate(layers)]
-    tower = None
-    for tpath in _TOWER_PATHS:
-        candidate = _attr_path(model, tpath)
-        blocks = getattr(candidate, "blocks", None)
-        if isinstance(candidate, nn.Module) and isinstance(blocks, nn.ModuleList):
-            tower = candidate
-            found += [(f"{tpath}.blocks.{i}", b) for i, b in enumerate(blocks)]
-            break
-    return found, tower
+    layers, tower = list(layers_of()), tower_of()
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers to shard")
+    return _named(model, layers), _named(model, list(getattr(tower, "blocks", []))), tower
 
 
 def shard_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The non-root FSDP units of ``model`` in forward order: tower blocks, merger parts, decoder layers.
 
     Raises:
-        ValueError: The model has none of the known decoder-layer layouts (paths named).
+        ValueError: The model is not a :class:`vl_model.TrainableVLM`.
     """
-    blocks, tower = _blocks(model)
-    vision = [(n, b) for n, b in blocks if ".blocks." in n]
-    decoder = [(n, b) for n, b in blocks if ".blocks." not in n]
-    mergers: list[tuple[str, nn.Module]] = []
-    if tower is not None:
-        prefix = next(p for p in _TOWER_PATHS if _attr_path(model, p) is tower)
-        for name in _MERGER_NAMES:
-            part = getattr(tower, name, None)
-            if isinstance(part, nn.Module) and any(True for _ in part.parameters()):
-                mergers.append((f"{prefix}.{name}", part))
-    return vision + mergers + decoder
+    decoder, vision, tower = _blocks(model)
+    mergers = [
+        part
+        for name in _MERGER_NAMES
+        if isinstance(part := getattr(tower, name, None), nn.Module) and any(True for _ in part.parameters())
+    ]
+    return vision + _named(model, mergers) + decoder
 
 
 def _is_kv_cache(value: Any) -> bool:
@@ -221,7 +202,8 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
     Raises:
         ValueError: Unknown layout (see :func:`shard_units`).
     """
-    blocks, _ = _blocks(model)
+    decoder, vision, _ = _blocks(model)
+    blocks = decoder + vision
     for _, block in blocks:
         if not getattr(block, _CHECKPOINTED, False):
             block.forward = _checkpointed_forward(block.forward)
@@ -251,7 +233,7 @@ def parallelize(
     """Shard ``model`` in place with FSDP2: each block, the merger parts, then the root.
 
     Args:
-        model: A ``VLForConditionalGeneration`` (or composed VLM) on the rank's device, initialised
+        model: A :class:`vl_model.TrainableVLM` (core or composed) on the rank's device, initialised
             identically on every rank (same seed or loaded weights); FSDP keeps this rank's shard.
         mesh: A 1-D ``DeviceMesh`` (2-D for HSDP); default: every rank of the process group.
         reshard_after_forward: Free each block's gathered parameters after its forward (gather again
@@ -293,8 +275,8 @@ def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def root_forward(model: nn.Module, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` as a forward of ``model``'s root FSDP unit.
 
-    Inside, the root's parameters (``model.lm_head.weight``, embeddings, final norm) are the gathered
-    full tensors, so ``lm_loss(hidden, model.lm_head.weight, ...)`` works, and their gradients are
+    Inside, the root's parameters (the output head, embeddings, final norm) are the gathered
+    full tensors, so ``lm_loss(hidden, model.output_weight(), ...)`` works, and their gradients are
     reduce-scattered after ``backward``. Tensors in ``args`` / ``kwargs`` are cast to the
     mixed-precision parameter dtype like forward inputs. ``fn`` must return its differentiable
     outputs as tensors, or in tuples, lists, dicts or dataclasses (``LossOutput``) of tensors.

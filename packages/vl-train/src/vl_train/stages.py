@@ -3,7 +3,7 @@
 Implements the stages of the Qwen3-VL technical report (arXiv 2511.21631, sections 3-4; REFERENCE.md
 section 4): merger-only alignment (S0), full multimodal pretraining (S1), 32K long context (S2), 256K
 ultra-long context (S3), SFT at 32K then 256K, and strong-to-weak distillation of the LLM. Each preset
-is a plain ``TrainConfig``; compose them with ``replace``, e.g. ``S1.replace(max_steps=500, lr=5e-5)``,
+is a plain ``TrainConfig``; compose them with ``replace``, e.g. ``S1.replace(max_steps=500, optim={"lr": 5e-5})``,
 and look them up by name with :func:`stage`.
 
 The report gives trainable parts, sequence lengths and token budgets but not optimiser settings:
@@ -29,7 +29,7 @@ All presets use the square-root-normalised loss (``loss_reduction="sqrt"``), Ada
 renders samples in the thinking format when they carry ``reasoning`` (``thinking="auto"``).
 
 Distillation is configured by :func:`Distill`, whose :class:`DistillSpec` is stored in
-``config.extra["distill"]``: off-policy (``"ce"`` on teacher-written text, or ``"forward_kl"`` to the
+``config.distill``: off-policy (``"ce"`` on teacher-written text, or ``"forward_kl"`` to the
 teacher's distributions) or on-policy (the student samples; ``"reverse_kl"`` estimated on the sampled
 tokens, or GKD's ``"jsd"`` with ``beta``). See :mod:`vl_train.distill`.
 
@@ -38,12 +38,9 @@ Notation: ``lr`` is the peak rate of parts without their own rate (merger and LL
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from .config import TrainConfig
+from .config import DistillLoss, DistillMode, DistillSpec, OptimConfig, TrainConfig
 
 __all__ = [
     "S0",
@@ -59,20 +56,11 @@ __all__ = [
     "stage",
 ]
 
-DistillMode = Literal["off_policy", "on_policy"]
-DistillLoss = Literal["ce", "forward_kl", "reverse_kl", "jsd"]
-
-_LOSSES: dict[str, tuple[str, ...]] = {
-    "off_policy": ("ce", "forward_kl", "jsd"),
-    "on_policy": ("reverse_kl", "jsd"),
-}
 
 S0 = TrainConfig(
     stage="S0",
     trainable=("merger", "deepstack"),
-    lr=1e-3,
-    weight_decay=0.0,
-    warmup_steps=200,
+    optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=200),
     max_steps=10_000,
     max_length=8192,
     packing=True,
@@ -84,10 +72,7 @@ S0 = TrainConfig(
 S1 = TrainConfig(
     stage="S1",
     trainable=("vision", "merger", "deepstack", "llm"),
-    lr=2e-5,
-    lr_vision=2e-6,
-    weight_decay=0.1,
-    warmup_steps=1000,
+    optim=OptimConfig(lr=2e-5, lr_vision=2e-6, weight_decay=0.1, warmup_steps=1000),
     max_steps=100_000,
     max_length=8192,
     packing=True,
@@ -98,9 +83,7 @@ S1 = TrainConfig(
 
 S2 = S1.replace(
     stage="S2",
-    lr=1e-5,
-    lr_vision=1e-6,
-    warmup_steps=200,
+    optim={"lr": 1e-5, "lr_vision": 1e-6, "warmup_steps": 200},
     max_length=32768,
     activation_checkpointing=True,
     output_dir="runs/s2",
@@ -110,49 +93,14 @@ S2 = S1.replace(
 S3 = S2.replace(stage="S3", max_length=262144, micro_batch_size=1, loss_chunk_size=2048, output_dir="runs/s3")
 """Ultra-long context: 256K packed rows, activation checkpointing, smaller loss chunks."""
 
-SFT = S2.replace(stage="SFT", warmup_steps=100, max_steps=10_000, thinking="auto", output_dir="runs/sft")
+SFT = S2.replace(stage="SFT", optim={"warmup_steps": 100}, max_steps=10_000, thinking="auto", output_dir="runs/sft")
 """Supervised fine-tuning at 32K, thinking and non-thinking formats by sample."""
 
 SFT_LONG = SFT.replace(
-    stage="SFT_LONG", lr=5e-6, lr_vision=5e-7, warmup_steps=50, max_length=262144, micro_batch_size=1,
-    loss_chunk_size=2048, output_dir="runs/sft_long",
+    stage="SFT_LONG", optim={"lr": 5e-6, "lr_vision": 5e-7, "warmup_steps": 50}, max_length=262144,
+    micro_batch_size=1, loss_chunk_size=2048, output_dir="runs/sft_long",
 )  # fmt: skip
 """SFT's second phase at 256K, starting from the 32K SFT model."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistillSpec:
-    """How a distillation run learns from its teacher.
-
-    Attributes:
-        mode: ``"off_policy"`` (teacher-written data) or ``"on_policy"`` (the student samples).
-        loss: Off-policy ``"ce"``, ``"forward_kl"`` or ``"jsd"``; on-policy ``"reverse_kl"`` or ``"jsd"``.
-        beta: GKD's JSD interpolation in ``[0, 1]`` (0 forward KL, 1 reverse KL).
-        temperature: Sampling and scoring temperature (> 0).
-        max_new_tokens: Tokens the student samples per prompt on-policy.
-    """
-
-    mode: DistillMode = "off_policy"
-    loss: DistillLoss = "ce"
-    beta: float = 0.5
-    temperature: float = 1.0
-    max_new_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if self.mode not in _LOSSES:
-            raise ValueError(f"distillation mode must be one of {list(_LOSSES)}, got {self.mode!r}")
-        if self.loss not in _LOSSES[self.mode]:
-            raise ValueError(f"{self.mode} distillation supports losses {list(_LOSSES[self.mode])}, got {self.loss!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values, as stored in ``TrainConfig.extra["distill"]``."""
-        return dataclasses.asdict(self)
 
 
 def Distill(
@@ -175,25 +123,19 @@ def Distill(
         **overrides: Further ``TrainConfig`` fields.
 
     Returns:
-        A ``TrainConfig`` with ``stage="Distill"`` and the spec in ``extra["distill"]``.
+        A ``TrainConfig`` with ``stage="Distill"`` and the spec in ``distill``.
     """
     chosen: Any = loss if loss is not None else ("ce" if mode == "off_policy" else "reverse_kl")
     spec = DistillSpec(mode=mode, loss=chosen, beta=beta, temperature=temperature, max_new_tokens=max_new_tokens)
-    base = SFT.replace(stage="Distill", trainable=("llm",), lr_vision=None, output_dir="runs/distill")
-    extra = {**dict(overrides.pop("extra", {}) or {}), "distill": spec.to_dict()}
-    return base.replace(extra=extra, **overrides)
+    base = SFT.replace(stage="Distill", trainable=("llm",), optim={"lr_vision": None}, output_dir="runs/distill")
+    return base.replace(distill=spec, **overrides)
 
 
 def distill_spec(config: TrainConfig) -> DistillSpec:
-    """The :class:`DistillSpec` stored in a config (raises ``ValueError`` when it has none)."""
-    data = config.extra.get("distill")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config of stage {config.stage!r} has no extra['distill'] spec; build it with Distill()")
-    known = {f.name for f in dataclasses.fields(DistillSpec)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown distillation keys {unknown}; known keys are {sorted(known)}")
-    return DistillSpec(**dict(data))
+    """The :class:`DistillSpec` of a config (raises ``ValueError`` when it has none)."""
+    if config.distill is None:
+        raise ValueError(f"config of stage {config.stage!r} has no distillation spec; build it with Distill()")
+    return config.distill
 
 
 STAGES: dict[str, TrainConfig] = {

@@ -15,7 +15,7 @@ For a micro-batch ``m`` of the step's ``A`` micro-batches on rank ``r`` of ``W``
   - ``False``: each micro-batch's own ``f`` (transformers' behaviour), ``aux_m = c * L_balance(m) / A``.
 
 Notation: ``A`` micro-batches per step, ``W`` ranks, ``Z`` global normaliser, ``W_head`` the LM head weight,
-``E`` experts, ``c`` ``moe_aux_coef``.
+``E`` experts, ``c`` the model config's ``router_aux_loss_coef`` (:meth:`vl_model.TrainableVLM.moe_routing`).
 """
 
 from __future__ import annotations
@@ -62,10 +62,11 @@ class StepLoss:
     """Computes ``(lm_loss, moe_aux_loss or None)`` per micro-batch for a model and a config.
 
     Args:
-        model: The (possibly FSDP-sharded) ``VLForConditionalGeneration``.
-        forward: ``model.model`` or its compiled version (gives ``last_hidden_state`` and ``router_logits``).
-        config: The run's settings (``loss_reduction``, ``loss_chunk_size``, ``moe_aux_coef``,
-            ``global_batch_balance``, ``grad_accum_steps``).
+        model: The (possibly FSDP-sharded) :class:`vl_model.TrainableVLM`.
+        forward: ``model.forward_hidden`` or its compiled version (gives ``last_hidden_state`` and
+            ``router_logits``).
+        config: The run's settings (``loss_reduction``, ``loss_chunk_size``, ``global_batch_balance``,
+            ``grad_accum_steps``).
         autocast: Returns the autocast context of the run (bf16 or none).
     """
 
@@ -77,15 +78,16 @@ class StepLoss:
         autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.model, self.forward, self.config, self.autocast = model, forward, config, autocast
-        text_cfg = getattr(getattr(model, "config", None), "text_config", None)
-        self.num_experts = int(getattr(text_cfg, "num_experts", 0) or 0)
-        self.top_k = int(getattr(text_cfg, "num_experts_per_tok", 0)) if self.num_experts else 0
+        routing = model.moe_routing()  # type: ignore[operator]
+        self.num_experts = routing.num_experts if routing is not None else 0
+        self.top_k = routing.top_k if routing is not None else 0
+        self.aux_coef = routing.aux_coef if routing is not None else 0.0
         self.tracker: MoEBalanceTracker | None = None
 
     @property
     def uses_moe(self) -> bool:
-        """Whether the model is MoE and the balance loss is on (``moe_aux_coef > 0``)."""
-        return self.top_k > 0 and self.config.moe_aux_coef > 0
+        """Whether the model is MoE and the balance loss is on (``router_aux_loss_coef > 0``)."""
+        return self.top_k > 0 and self.aux_coef > 0
 
     @property
     def global_balance(self) -> bool:
@@ -109,7 +111,7 @@ class StepLoss:
 
             def routing(inputs: dict[str, Any] = inputs) -> list[torch.Tensor]:
                 with self.autocast():
-                    return list(self.forward(**inputs, use_cache=False, output_router_logits=True).router_logits)
+                    return list(self.forward(**inputs, output_router_logits=True).router_logits)
 
             logits = root_forward(self.model, routing)
             tracker = self._tracker(len(logits))
@@ -134,13 +136,13 @@ class StepLoss:
         inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
         def forward_and_loss() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-            # Runs as the FSDP root's forward: lm_head.weight is only gathered in there.
-            head: Any = self.model.lm_head  # read per call: FSDP swaps the parameter objects
+            # Runs as the FSDP root's forward: the output weight is only gathered in there.
+            weight = self.model.output_weight()  # type: ignore[operator]  # per call: FSDP swaps parameters
             with self.autocast():
-                out = self.forward(**inputs, use_cache=False, output_router_logits=use_moe or None)
+                out = self.forward(**inputs, output_router_logits=use_moe)
                 loss = lm_loss(
                     out.last_hidden_state,
-                    head.weight,
+                    weight,
                     targets,
                     segment_ids=batch.get("segment_ids"),
                     reduction=cfg.loss_reduction,
@@ -155,11 +157,11 @@ class StepLoss:
         mask = batch.get("attention_mask")
         with self.autocast():
             if not self.global_balance:
-                aux = moe_aux_loss(router_logits, mask, self.top_k, coef=cfg.moe_aux_coef)
+                aux = moe_aux_loss(router_logits, mask, self.top_k, coef=self.aux_coef)
                 return loss, aux / cfg.grad_accum_steps
             tracker = self._tracker(len(router_logits))
             if not counted:
                 tracker.reset()
                 track_moe_routing(tracker, router_logits, mask)
-            aux = moe_aux_loss(router_logits, mask, self.top_k, tracker=tracker, coef=cfg.moe_aux_coef)
+            aux = moe_aux_loss(router_logits, mask, self.top_k, tracker=tracker, coef=self.aux_coef)
         return loss, aux

@@ -28,27 +28,19 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
-from .data.format import load_image, load_video, validate_sample, write_jsonl
+from .data.format import validate_sample, write_jsonl
+from .data.messages import prompt_inputs
 
-__all__ = ["generate_teacher_data", "predict_short_answer", "prompt_inputs", "split_reasoning"]
+__all__ = ["generate_teacher_data", "predict_short_answer", "split_reasoning"]
 
 _SHORT_TYPES = {"choice", "count", "number"}
 _LONG_TYPES = {"caption", "boxes", "timestamps"}
 _SHORT_PROMPT = re.compile(r"answer with (a|one) (number|word)|yes or no|one word|single word", re.IGNORECASE)
 _PLACEHOLDER = {"role": "assistant", "content": ""}
-_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "mm_token_type_ids",
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-)
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.DOTALL)
 
 
@@ -79,49 +71,6 @@ def split_reasoning(response: str) -> tuple[str | None, str]:
         return None, response.strip()
     reasoning = match.group(1).strip()
     return reasoning or None, response[match.end() :].strip()
-
-
-def prompt_inputs(processor: Any, sample: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Model inputs of a sample's prompt: every turn before the final assistant turn, plus the generation prompt."""
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    messages = list(sample["messages"])
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    images: list[Any] = []
-    videos: list[Any] = []
-    rates: list[Any] = []
-    turns = []
-    for i, message in enumerate(messages):
-        content = message["content"]
-        if isinstance(content, list):
-            items = []
-            for j, item in enumerate(content):
-                if item["type"] == "image":
-                    images.append(load_image(item["image"], sample, f"message {i} image (item {j})"))
-                    items.append({"type": "image"})
-                elif item["type"] == "video":
-                    videos.append(load_video(item["video"], sample, f"message {i} video (item {j})"))
-                    rates.append(item.get("fps"))
-                    items.append({"type": "video"})
-                else:
-                    items.append({"type": "text", "text": item["text"]})
-            content = items
-        turns.append({"role": message["role"], "content": content})
-    rendered, _ = cast(Any, render_jinja_template)(
-        conversations=[turns],
-        chat_template=processor.chat_template,
-        add_generation_prompt=True,
-        **processor.tokenizer.special_tokens_map,
-    )
-    enc = processor(
-        text=[rendered[0]],
-        images=images or None,
-        videos=videos or None,
-        video_fps=rates if videos else None,
-        add_special_tokens=False,
-    )
-    return {k: torch.as_tensor(enc[k]) for k in _INPUT_KEYS if k in enc}
 
 
 def _decode(tokenizer: Any, tokens: torch.Tensor, stop_ids: set[int]) -> str:
@@ -190,7 +139,7 @@ def generate_teacher_data(
             validate_sample(sample)
         short = bool(predictor(sample))
         penalty = short_penalty if short else base_penalty
-        inputs = prompt_inputs(processor, sample)
+        inputs = prompt_inputs(processor, sample, thinking=True)  # the template's default: the teacher may think
         sampling = {"temperature": temperature} if do_sample else {}
         sequences = teacher_model.generate(
             **inputs,

@@ -22,7 +22,6 @@ Notation: ``L`` tokens of one sample; ``N`` patches (rows of ``pixel_values``); 
 
 from __future__ import annotations
 
-import copy
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,10 @@ from typing import Any, Literal, cast
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from .format import BadInputPolicy, DataError, DataStats, load_image, load_video, sample_location, validate_sample
+from vl_model.processing import split_media
+
+from .format import BadInputPolicy, DataError, DataStats, sample_location, validate_sample
+from .messages import sample_messages
 
 __all__ = ["EMPTY_THINK", "IGNORE_INDEX", "OverlongPolicy", "RenderedSample", "SampleRenderer"]
 
@@ -235,27 +237,7 @@ class SampleRenderer:
 
     def _prepare(self, sample: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any], list[Any], list[Any]]:
         """Template messages (media replaced by bare items) and the decoded media in order."""
-        messages: list[dict[str, Any]] = []
-        images: list[Any] = []
-        videos: list[Any] = []
-        rates: list[Any] = []
-        for i, message in enumerate(sample["messages"]):
-            content = message["content"]
-            if isinstance(content, list):
-                items = []
-                for j, item in enumerate(content):
-                    if item["type"] == "image":
-                        images.append(load_image(item["image"], sample, f"message {i} image (item {j})"))
-                        items.append({"type": "image"})
-                    elif item["type"] == "video":
-                        videos.append(load_video(item["video"], sample, f"message {i} video (item {j})"))
-                        rates.append(item.get("fps"))
-                        items.append({"type": "video"})
-                    else:
-                        items.append({"type": "text", "text": item["text"]})
-                content = items
-            messages.append({**copy.copy(message), "content": content})
-        return messages, images, videos, rates
+        return split_media(sample_messages(sample))
 
     @staticmethod
     def _set_reasoning(messages: list[dict[str, Any]], reasoning: Any, think: bool) -> None:

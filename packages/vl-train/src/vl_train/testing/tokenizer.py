@@ -1,4 +1,4 @@
-"""A small word-level tokenizer for the demo recipes, built in memory (nothing is downloaded).
+"""A small word-level tokenizer for tests, examples and the demo recipes, built in memory (nothing is downloaded).
 
 The demo recipes (``vl_train/recipes/demo_*.toml``) train a tiny model on the synthetic dataset
 (:mod:`vl_train.data.synthetic`); a real tokenizer would need a download and a 150K-row embedding.

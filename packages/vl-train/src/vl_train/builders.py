@@ -1,0 +1,287 @@
+"""Builders from recipe sections: the model and its processor, the data mixture and the batch stream.
+
+Used by the ``vl-train`` and ``vl-rl`` command lines, the demo and any script that wants what a recipe
+describes. ``[model]`` (:data:`vl_train.recipe.MODEL_KEYS`):
+
+- ``init_from``: a model folder (``config.json`` + safetensors: ours, an official ``qwen3_vl`` /
+  ``qwen3_vl_moe`` checkpoint, or a composed ``vl_composed`` one) or a previous run's output folder
+  with ``model/`` in it. Its own processor (tokenizer, chat template, image and video budgets from its
+  preprocessor files) is loaded with it; ``tokenizer`` replaces only the tokenizer;
+- else a fresh ``VLForConditionalGeneration`` from ``[model.text]`` / ``[model.vision]``
+  (``VLTextConfig`` / ``VLVisionConfig`` fields; the vocabulary size and special-token ids come from
+  the tokenizer, which ``tokenizer`` names: a folder, or ``"demo"`` for :mod:`vl_train.testing`);
+- ``min_pixels`` / ``max_pixels`` (images), ``fps`` / ``max_frames`` (videos) override the budgets;
+  ``seed`` seeds a fresh model's initialisation.
+
+The processor's patch sizes and the tokenizer's special-token ids are checked against the model's
+config; a mismatch is an error naming both values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import TrainConfig
+from .recipe import SOURCE_KEYS
+
+if TYPE_CHECKING:
+    from .data.mixture import MixtureSampler
+    from .data.stream import PackedStream
+
+__all__ = [
+    "build_data",
+    "build_mixture",
+    "build_model",
+    "build_processor",
+    "check_processor",
+    "load_model",
+    "weights_folder",
+]
+
+TOKEN_NAMES = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_IMAGE_BUDGETS = ("min_pixels", "max_pixels")
+_VIDEO_BUDGETS = ("min_pixels", "max_pixels", "fps", "max_frames")
+
+
+def weights_folder(path: str | Path) -> Path:
+    """The folder holding ``config.json`` + weights: ``path`` itself or a vl-train run's ``path/model``."""
+    folder = Path(path)
+    for candidate in (folder, folder / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no model in {folder}: expected {folder}/config.json or {folder}/model/config.json "
+        "(the final model a vl-train run writes); run the previous stage first or pass --init-from"
+    )
+
+
+def load_model(path: str | Path) -> Any:
+    """The model in ``path`` (see :func:`weights_folder`): ours, an official Qwen3-VL or a composed one.
+
+    Raises:
+        FileNotFoundError: No ``config.json`` there.
+        ValueError: A ``model_type`` none of our classes loads.
+    """
+    from vl_model import ComposedVLForConditionalGeneration, VLForConditionalGeneration
+
+    folder = weights_folder(path)
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type == "vl_composed":
+        return ComposedVLForConditionalGeneration.from_pretrained(str(folder))
+    if model_type in ("vl", "qwen3_vl", "qwen3_vl_moe"):
+        return VLForConditionalGeneration.from_pretrained(str(folder))
+    raise ValueError(
+        f"{folder}/config.json has model_type {model_type!r}; init_from takes 'qwen3_vl', 'qwen3_vl_moe', "
+        "'vl' (ours) and 'vl_composed' checkpoints"
+    )
+
+
+def _vision_sizes(model: Any) -> tuple[int, int, int]:
+    """``(patch, spatial merge, temporal patch)`` of the model's tower."""
+    tower = model.vision_tower().config
+    return int(tower.patch_size), int(tower.spatial_merge_size), int(tower.temporal_patch_size)
+
+
+def _with_budgets(processor: Any, section: Mapping[str, Any]) -> Any:
+    """The processor with ``[model]``'s image / video budgets applied (new media processors, same tokenizer)."""
+    from vl_vision.processing import ImageProcessor, VideoProcessor
+
+    image = {k: section[k] for k in _IMAGE_BUDGETS if k in section}
+    video = {k: section[k] for k in _VIDEO_BUDGETS if k in section}
+    if not image and not video:
+        return processor
+    settings = processor.to_dict()
+    processor.image_processor = ImageProcessor(**{**settings["image_processor"], **image})
+    processor.video_processor = VideoProcessor(**{**settings["video_processor"], **video})
+    return processor
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def build_processor(section: Mapping[str, Any], sizes: tuple[int, int, int], folder: Path | None = None) -> Any:
+    """The processor of ``[model]`` (see the module docstring).
+
+    Args:
+        section: The ``[model]`` section.
+        sizes: ``(patch, spatial merge, temporal patch)`` of the model's tower, for a processor built here.
+        folder: The checkpoint folder the model came from (``None``: a fresh model).
+
+    Raises:
+        ValueError: No tokenizer anywhere (a fresh model without ``tokenizer``, or a checkpoint folder
+            without tokenizer files and no ``tokenizer`` key).
+    """
+    from vl_model import VLProcessor
+
+    patch, merge, temporal = sizes
+    tokenizer = section.get("tokenizer")
+    if tokenizer == "demo":
+        from .testing import make_demo_processor
+
+        budgets = {k: section[k] for k in ("min_pixels", "max_pixels", "fps", "max_frames") if k in section}
+        return make_demo_processor(patch_size=patch, merge_size=merge, temporal_patch_size=temporal, **budgets)
+    if folder is not None and _has_tokenizer(folder):
+        processor = VLProcessor.from_pretrained(str(folder))
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            processor = VLProcessor(
+                processor.image_processor,
+                processor.video_processor,
+                AutoTokenizer.from_pretrained(str(tokenizer)),
+                processor.chat_template,  # type: ignore[arg-type]
+            )
+        return _with_budgets(processor, section)
+    if tokenizer is None:
+        where = f"{folder} has no tokenizer files" if folder is not None else "a fresh model has no tokenizer"
+        raise ValueError(f'{where}: set [model] tokenizer = a tokenizer folder (or "demo" for tests and examples)')
+    from transformers import AutoTokenizer
+
+    from vl_vision.processing import ImageProcessor, VideoProcessor
+
+    image = ImageProcessor(patch, temporal, merge)
+    video = VideoProcessor(patch, temporal, merge)
+    processor = VLProcessor(image, video, AutoTokenizer.from_pretrained(str(tokenizer)))
+    return _with_budgets(processor, section)
+
+
+def check_processor(model: Any, processor: Any) -> None:
+    """Check that ``processor`` fits ``model``: patch sizes, special-token ids and vocabulary size.
+
+    Raises:
+        ValueError: The first mismatch, naming the model's and the processor's values.
+    """
+    patch, merge, temporal = _vision_sizes(model)
+    for kind, proc in (("image", processor.image_processor), ("video", processor.video_processor)):
+        cuts = (int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size))
+        if cuts != (patch, merge, temporal):
+            raise ValueError(
+                f"the {kind} processor cuts (patch, merge, temporal) = {cuts} but the model's vision tower "
+                f"expects {(patch, merge, temporal)}"
+            )
+    config = model.config
+    for name, token in TOKEN_NAMES.items():
+        want = getattr(config, name, None)
+        have = getattr(processor, name, None)
+        if want is not None and have is not None and int(want) != int(have):
+            raise ValueError(
+                f"the tokenizer's {token} is id {have} but the model config's {name} is {want}: the tokenizer "
+                "does not belong to this model (give [model] tokenizer = the model's own tokenizer)"
+            )
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    if len(processor.tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(processor.tokenizer)} tokens but the model's embedding holds only {vocab}: "
+            "token ids past the vocabulary would crash the embedding lookup"
+        )
+
+
+def _fresh_model(section: Mapping[str, Any]) -> tuple[Any, Any]:
+    from vl_model import VLConfig, VLForConditionalGeneration
+    from vl_vision import VisionConfig
+
+    text = dict(section.get("text", {}))
+    vision = dict(section.get("vision", {}))
+    defaults = VisionConfig()
+    sizes = tuple(
+        int(vision.get(k, getattr(defaults, k))) for k in ("patch_size", "spatial_merge_size", "temporal_patch_size")
+    )
+    processor = build_processor(section, sizes)  # type: ignore[arg-type]
+    tok = processor.tokenizer
+    text.setdefault("vocab_size", -(-len(tok) // 64) * 64)
+    text.setdefault("eos_token_id", tok.eos_token_id)
+    text.setdefault("pad_token_id", tok.pad_token_id)
+    if "hidden_size" in text:
+        vision.setdefault("out_hidden_size", text["hidden_size"])
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in TOKEN_NAMES.items()}
+    torch.manual_seed(int(section.get("seed", 0)))
+    return VLForConditionalGeneration(VLConfig(text_config=text, vision_config=vision, **ids)), processor
+
+
+def build_model(section: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(model, processor)`` from a ``[model]`` section (see the module docstring), checked against each other.
+
+    Raises:
+        FileNotFoundError: ``init_from`` holds no model.
+        ValueError: No tokenizer, an unknown checkpoint type, or a processor that does not fit the model.
+    """
+    source = section.get("init_from")
+    if source:
+        folder = weights_folder(str(source))
+        model = load_model(folder)
+        processor = build_processor(section, _vision_sizes(model), folder)
+    else:
+        model, processor = _fresh_model(section)
+    check_processor(model, processor)
+    return model, processor
+
+
+def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
+    kind = spec.get("kind", "synthetic")
+    if kind == "synthetic":
+        from .data.synthetic import SyntheticDataset
+
+        kw = {k: spec[k] for k in ("size", "split", "tasks", "thinking", "grid") if k in spec}
+        for key in ("image_size_range", "video_frames"):
+            if key in spec:
+                kw[key] = tuple(spec[key])
+        return SyntheticDataset(seed=int(spec.get("seed", default_seed)), **kw)
+    if kind == "jsonl":
+        from .data.format import JsonlDataset
+
+        if "path" not in spec:
+            raise ValueError("a jsonl data source needs a path")
+        return JsonlDataset(spec["path"])
+    raise ValueError(f"unknown data source kind {kind!r}; kinds are ['synthetic', 'jsonl']")
+
+
+def build_mixture(data_section: Mapping[str, Any], config: TrainConfig) -> MixtureSampler:
+    """The ``[data]`` section's samples: one source or a mixture of ``[data.sources.NAME]`` by ratio (endless)."""
+    from .data.mixture import MixtureSampler
+
+    seed = int(data_section.get("seed", config.seed))
+    specs = dict(data_section.get("sources", {})) or {
+        "data": {k: v for k, v in data_section.items() if k in SOURCE_KEYS}
+    }
+    sources = {name: _source(spec, seed) for name, spec in specs.items()}
+    ratios = {name: float(spec.get("ratio", 1.0)) for name, spec in specs.items()}
+    return MixtureSampler(sources, ratios, seed=seed, shuffle_buffer=int(data_section.get("shuffle_buffer", 1000)))
+
+
+def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainConfig) -> PackedStream:
+    """An endless, checkpointable stream of training batches: mixture -> chat rendering -> packing (or padding).
+
+    Its ``state_dict()`` goes into the trainer's checkpoints, so a resumed run continues the data exactly.
+    """
+    from .data.render import SampleRenderer
+    from .data.stream import PackedStream
+
+    mixture = build_mixture(data_section, config)
+    thinking = {"auto": None, "on": True, "off": False}[config.thinking]
+    renderer = SampleRenderer(
+        processor,
+        max_length=config.max_length,
+        overlong=data_section.get("overlong", "drop"),
+        policy=data_section.get("policy", "fail"),
+        thinking=thinking,
+    )
+    return PackedStream(
+        mixture,
+        renderer,
+        max_length=config.max_length,
+        pad_token_id=int(processor.tokenizer.pad_token_id),
+        rows_per_batch=config.micro_batch_size,
+        packing=config.packing,
+    )
