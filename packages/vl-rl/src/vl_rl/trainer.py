@@ -351,13 +351,16 @@ class RLTrainer(TrainingLoop):
                     entropy=entropy,
                     check_finite=False,
                 )
-                (loss * self._aggregation_share(mask)).backward()
+                share = self._aggregation_share(mask)
+                (loss * share).backward()
                 norm, stepped = self.optimizer_step(loss.detach())
                 nonfinite += int(not stepped)
-                sums.setdefault("loss", []).append(float(loss.detach()))
+                world = world_size()
+                # the global batch's loss; the other metrics are averaged over ranks
+                sums.setdefault("loss", []).append(agreed(float(loss.detach()) * share / world, sum))
                 sums.setdefault("grad_norm", []).append(norm)
                 for key, value in metrics.items():
-                    sums.setdefault(key, []).append(float(value))
+                    sums.setdefault(key, []).append(agreed(float(value), sum) / world)
         out = {k: _mean(v) for k, v in sums.items()}
         out["nonfinite_updates"] = nonfinite
         return out
