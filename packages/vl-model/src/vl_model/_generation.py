@@ -64,7 +64,11 @@ def generation_position_ids(
     mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     modality = _modality(model, ids, mm_token_type_ids)
     image_grid, video_grid = visible_vision_grids(
-        modality, mask, model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")
+        modality,
+        mask,
+        model_kwargs.get("image_grid_thw"),
+        model_kwargs.get("video_grid_thw"),
+        _modality(model, ids, None),
     )
     position_ids, deltas = get_rope_index(
         ids,

@@ -172,11 +172,26 @@ def _split_videos(grid: torch.Tensor) -> torch.Tensor:
     return split
 
 
+def _visible_runs(modality: torch.Tensor, seen: torch.Tensor, kind: int, n_grids: int) -> torch.Tensor | None:
+    """Per run of ``kind`` placeholders: whether any of its tokens is unpadded (None: not ``n_grids`` runs)."""
+    inside = modality == kind
+    start = inside.clone()
+    start[:, 1:] &= ~inside[:, :-1]
+    n_runs = int(start.sum())
+    if n_runs != n_grids:
+        return None
+    run_of_token = start.reshape(-1).cumsum(0) - 1
+    visible = torch.zeros(n_runs, dtype=torch.bool, device=modality.device)
+    visible[run_of_token[inside.reshape(-1) & seen]] = True
+    return visible
+
+
 def visible_vision_grids(
     modality: torch.Tensor,
     attention_mask: torch.Tensor | None,
     image_grid_thw: torch.Tensor | None,
     video_grid_thw: torch.Tensor | None,
+    placeholders: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The grids of the placeholder runs that are not wholly under the padding mask.
 
@@ -184,33 +199,31 @@ def visible_vision_grids(
     placeholders that lies under ``attention_mask == 0`` takes no positions and no grid. This gives
     ``vl_rope.get_rope_index`` (which treats padding as its own run) the grids of the runs it will see.
     A video with a hidden temporal patch comes back split into one ``t = 1`` grid per temporal patch
-    (how the position code reads videos anyway). When the runs cannot be matched
-    to the grids one to one, the grids are returned unchanged (the position code names the mismatch).
+    (how the position code reads videos anyway). When the runs cannot be matched to the grids one to
+    one, the grids are returned unchanged (the position code names the mismatch).
 
     Args:
-        modality: ``[B, L]`` 0 text, 1 image, 2 video.
+        modality: ``[B, L]`` 0 text, 1 image, 2 video (``mm_token_type_ids``, or from the placeholder ids).
         attention_mask: ``[B, L]``, 0 at padding.
         image_grid_thw: ``[n_images, 3]``.
         video_grid_thw: ``[n_videos, 3]``.
+        placeholders: The modality read from the placeholder ids, tried when ``modality`` does not mark
+            every run (a ``mm_token_type_ids`` that zeroes padding hides the padded runs).
     """
     if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.bool().all()):
         return image_grid_thw, video_grid_thw
-    seen = attention_mask.bool().reshape(-1)
+    seen = attention_mask.bool().reshape(-1).to(modality.device)
     out: list[torch.Tensor | None] = []
     for kind, grid in ((1, image_grid_thw), (2, video_grid_thw)):
         if grid is None:
             out.append(None)
             continue
         runs_grid = _split_videos(grid) if kind == 2 else grid
-        inside = modality == kind
-        start = inside.clone()
-        start[:, 1:] &= ~inside[:, :-1]
-        run_of_token = start.reshape(-1).cumsum(0) - 1
-        n_runs = int(start.sum())
-        if n_runs != runs_grid.shape[0]:
+        visible = _visible_runs(modality, seen, kind, runs_grid.shape[0])
+        if visible is None and placeholders is not None:
+            visible = _visible_runs(placeholders.to(modality.device), seen, kind, runs_grid.shape[0])
+        if visible is None or bool(visible.all()):
             out.append(grid)
-            continue
-        visible = torch.zeros(n_runs, dtype=torch.bool, device=grid.device)
-        visible[run_of_token[inside.reshape(-1) & seen].to(grid.device)] = True
-        out.append(grid if bool(visible.all()) else runs_grid[visible])
+        else:
+            out.append(runs_grid[visible.to(grid.device)])
     return out[0], out[1]

@@ -32,7 +32,6 @@ class VLVisionTower(VisionTransformer):
             ``"flash_attention_2"``), reported as ``config._attn_implementation``.
     """
 
-    main_input_name = "pixel_values"
     input_modalities: ClassVar[tuple[str, ...]] = ("image", "video")
     supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["VisionBlock"]

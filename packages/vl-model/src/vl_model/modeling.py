@@ -151,12 +151,11 @@ class VLModel(VLPreTrainedModel):
         modality. Padding (``attention_mask == 0``) takes position 0 and no vision grid.
         """
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        modality = mm_token_type_ids
-        if modality is None:
-            modality = (input_ids == self.config.image_token_id).long() + 2 * (
-                input_ids == self.config.video_token_id
-            ).long()
-        image_grid, video_grid = visible_vision_grids(modality, mask, image_grid_thw, video_grid_thw)
+        placeholders = (input_ids == self.config.image_token_id).long() + 2 * (
+            input_ids == self.config.video_token_id
+        ).long()
+        modality = placeholders if mm_token_type_ids is None else mm_token_type_ids
+        image_grid, video_grid = visible_vision_grids(modality, mask, image_grid_thw, video_grid_thw, placeholders)
         return get_rope_index(
             input_ids,
             image_grid_thw=image_grid,
@@ -524,7 +523,14 @@ class VLForConditionalGeneration(VLPreTrainedModel, GenerationMixin):
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             if mask is not None and mask.shape[1] != hidden.shape[1]:
                 mask = mask[:, -hidden.shape[1] :]
-            aux = load_balancing_loss(list(out.router_logits), text_cfg.num_experts_per_tok, attention_mask=mask)
+            # transformers pools the assignment shares and router probabilities over all MoE layers before
+            # taking their product (one loss over the layers' tokens together), not a mean of per-layer losses
+            layers = len(out.router_logits)
+            aux = load_balancing_loss(
+                torch.cat(list(out.router_logits)),
+                text_cfg.num_experts_per_tok,
+                attention_mask=None if mask is None else mask.reshape(1, -1).expand(layers, -1),
+            )
             if loss is not None:
                 loss = loss + text_cfg.router_aux_loss_coef * aux.to(loss.dtype)
         result = VLCausalLMOutput(

@@ -39,6 +39,7 @@ from vl_vision import VisionTransformer
 
 from ._attention import flash_varlen_kwargs, packed_causal_mask, segment_mask_function, segments_from_positions
 from ._decoder import RMSNorm, build_decoder_layer, head_dim_of, rotary_sections
+from ._inputs import check_token_ids
 from ._vision import VISION_ATTN, VLVisionTower
 from .configuration import VLConfig, VLTextConfig
 
@@ -226,6 +227,8 @@ class VLTextModel(VLPreTrainedModel):
         want_hidden = _flag(output_hidden_states, self.config, "output_hidden_states")
         want_attentions = _flag(output_attentions, self.config, "output_attentions")
         if inputs_embeds is None:
+            assert input_ids is not None
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings, training=self.training)
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
