@@ -15,7 +15,6 @@ from _core_helpers import batch, hf_config_dict, hf_model, masked, rel_err, save
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vl_model import VLConfig, VLForConditionalGeneration
-from vl_model._decoder import RMSNorm, VLTextAttention, VLTextDecoderLayer, VLTextMLP, build_decoder_layer
 from vl_moe import SparseMoeBlock
 
 
@@ -27,6 +26,8 @@ def pair(request, tmp_path_factory):
 
 
 def test_decoder_layers_are_built_from_parts(pair) -> None:
+    from vl_model._decoder import RMSNorm, VLTextAttention, VLTextDecoderLayer, VLTextMLP
+
     ref, ours = pair
     text = ours.config.text_config
     for i, layer in enumerate(ours.model.language_model.layers):
@@ -39,6 +40,8 @@ def test_decoder_layers_are_built_from_parts(pair) -> None:
 
 def test_a_layer_takes_any_parts() -> None:
     """The layer is pure composition: swapping the MLP for another module changes only that part."""
+    from vl_model._decoder import VLTextDecoderLayer, build_decoder_layer
+
     text = VLConfig.from_qwen3_vl(hf_config_dict() | {"model_type": "qwen3_vl"}).text_config
     torch.manual_seed(0)
     built = build_decoder_layer(text, 0)

@@ -25,10 +25,8 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 
 from vl_moe import load_balancing_loss
-from vl_rope import decode_position_ids, get_rope_index
 from vl_vision import VisionOutput
 
-from ._generation import generation_position_ids
 from ._inputs import (
     VLCausalLMOutput,
     VLModelOutput,
@@ -37,10 +35,10 @@ from ._inputs import (
     check_token_ids,
     join_deepstack,
     segments_from_cu_seqlens,
-    visible_vision_grids,
     vision_output_from,
 )
 from ._loss import causal_lm_loss, labelled_loss
+from ._positions import continued_positions, generation_position_ids, rope_index
 from ._vision import VISION_ATTN, VLVisionTower
 from .configuration import VLConfig
 from .text import VLPreTrainedModel, VLTextModel
@@ -148,24 +146,16 @@ class VLModel(VLPreTrainedModel):
         """``([3, B, L] MRoPE positions, [B, 1] deltas)`` of a prompt, as transformers' ``get_rope_index``.
 
         ``mm_token_type_ids`` (0 text, 1 image, 2 video) may be omitted: the placeholder ids tell the
-        modality. Padding (``attention_mask == 0``) takes position 0 and no vision grid.
+        modality. Padding (``attention_mask == 0``) takes position 0 and no vision grid; ``segment_ids=``
+        (packed rows) restarts the positions at every sample.
         """
-        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        placeholders = (input_ids == self.config.image_token_id).long() + 2 * (
-            input_ids == self.config.video_token_id
-        ).long()
-        modality = placeholders if mm_token_type_ids is None else mm_token_type_ids
-        image_grid, video_grid = visible_vision_grids(modality, mask, image_grid_thw, video_grid_thw, placeholders)
-        return get_rope_index(
+        return rope_index(
+            self.config,
             input_ids,
-            image_grid_thw=image_grid,
-            video_grid_thw=video_grid,
-            attention_mask=mask,
-            mm_token_type_ids=modality,
-            image_token_id=self.config.image_token_id,
-            video_token_id=self.config.video_token_id,
-            spatial_merge_size=self.config.vision_config.spatial_merge_size,
-            style="qwen3_vl",
+            mm_token_type_ids,
+            image_grid_thw,
+            video_grid_thw,
+            attention_mask,
             segment_ids=kwargs.get("segment_ids"),
         )
 
@@ -208,29 +198,15 @@ class VLModel(VLPreTrainedModel):
         With ``segment_ids`` (packed rows) positions restart at every sample and no deltas are kept.
         """
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        mask_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if input_ids is not None and past == 0:
             position_ids, deltas = self.get_rope_index(
-                input_ids,
-                mm_token_type_ids,
-                image_grid_thw,
-                video_grid_thw,
-                mask_2d,
-                segment_ids=segment_ids,
+                input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask, segment_ids=segment_ids
             )
             if segment_ids is None:
                 self.rope_deltas = deltas
             return position_ids
         batch, length = inputs_embeds.shape[:2]
-        cached = self.rope_deltas
-        if cached is None or cached.shape[0] != batch:
-            cached = torch.zeros(batch, 1, dtype=torch.long, device=inputs_embeds.device)
-        return decode_position_ids(
-            cached.to(inputs_embeds.device),
-            past_length=past,
-            num_new=length,
-            attention_mask=None if mask_2d is None or mask_2d.shape[1] != past + length else mask_2d,
-        )
+        return continued_positions(self.rope_deltas, batch, length, past, attention_mask, inputs_embeds.device)
 
     def _visual_inputs(
         self,
