@@ -102,6 +102,40 @@ def test_monotonic_positions_keep_the_plain_causal_mask() -> None:
     assert segments_from_positions(torch.arange(9)[None], 2) is None
 
 
+def test_inputs_embeds_forward(pair) -> None:
+    """Embeddings instead of ids: transformers' positions (cached deltas, or plain ones on a fresh model)."""
+    ref, ours = pair
+    inputs = batch(left_pad=3)
+    ids = inputs.pop("input_ids")
+    mask = inputs["attention_mask"]
+    for fresh in (True, False):
+        got = {}
+        for name, model in (("ref", ref), ("ours", ours)):
+            with torch.no_grad():
+                if fresh:
+                    model.model.rope_deltas = None
+                else:
+                    model(input_ids=ids, **inputs)  # leaves this batch's rope deltas behind, as in transformers
+                got[name] = model(inputs_embeds=model.get_input_embeddings()(ids), **inputs).logits
+        assert rel_err(masked(got["ours"], mask), masked(got["ref"], mask)) < 1e-4
+
+
+def test_batching_equivalence(pair) -> None:
+    """Each row of a left-padded batch gives the logits it gives alone (transformers' test_batching_equivalence)."""
+    _, ours = pair
+    inputs = batch(videos=False, left_pad=3)
+    with torch.no_grad():
+        together = ours(**inputs).logits
+        for row, n_patches in ((0, (0, 24)), (1, (24, 40))):
+            keep = inputs["attention_mask"][row].bool()
+            alone = ours(
+                input_ids=inputs["input_ids"][row : row + 1, keep],
+                pixel_values=inputs["pixel_values"][n_patches[0] : n_patches[1]],
+                image_grid_thw=inputs["image_grid_thw"][row : row + 1],
+            ).logits[0]
+            assert rel_err(together[row, keep], alone) < 1e-4
+
+
 def _labels(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     labels[:, : labels.shape[1] // 3] = -100

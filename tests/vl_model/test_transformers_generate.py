@@ -152,3 +152,19 @@ def test_resize_token_embeddings(pair) -> None:
         for model in (ref, ours):
             model.resize_token_embeddings(vocab, mean_resizing=False)
     assert ours.config.text_config.vocab_size == vocab
+
+
+@pytest.mark.parametrize("videos", [False, True], ids=["image", "image+video"])
+def test_generate_from_inputs_embeds(pair, videos: bool) -> None:
+    """A prompt given as embeddings (placeholders included) generates transformers' tokens."""
+    ref, ours = pair
+    inputs = batch(videos=videos, left_pad=3)
+    ids = inputs.pop("input_ids")
+    got = {}
+    for name, model in (("ref", ref), ("ours", ours)):
+        model.model.rope_deltas = None
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids)
+        got[name] = _generate(model, {**inputs, "inputs_embeds": embeds}, do_sample=False)
+    assert got["ours"].shape == (2, NEW)
+    assert torch.equal(got["ours"], got["ref"])

@@ -541,10 +541,30 @@ class VLForConditionalGeneration(VLPreTrainedModel, GenerationMixin):
         text = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
         return generation_position_ids(self, inputs_tensor, model_kwargs, text)
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        """Generation step inputs: pixels and grids go in only on the first (prefill) step."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)  # type: ignore[misc]
-        if not kwargs.get("is_first_iteration", False) and kwargs.get("use_cache", True):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Generation step inputs: pixels and grids go in only on the first (prefill) step.
+
+        The explicit signature tells ``generate`` that a prompt may come as ``inputs_embeds``.
+        """
+        inputs = super().prepare_inputs_for_generation(  # type: ignore[misc]
+            input_ids,  # type: ignore[arg-type]
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,  # type: ignore[arg-type]
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids"):
                 inputs[key] = None
         return inputs
