@@ -102,6 +102,28 @@ def test_vision_tower_capability_flags(pair, tmp_path, impl: str) -> None:
     assert tower.config._attn_implementation != impl and tower.config.attn_implementation != impl
 
 
+def test_attention_implementation_per_sub_config(pair, tmp_path) -> None:
+    """``attn_implementation={"text_config": ..., "vision_config": ...}`` sets each part, as in transformers."""
+    ref, ours = pair
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "ref")
+    choice = {"text_config": "eager", "vision_config": "sdpa"}
+    loaded = VLForConditionalGeneration.from_pretrained(tmp_path / "ours", attn_implementation=choice)
+    theirs = type(ref).from_pretrained(tmp_path / "ref", attn_implementation=choice)
+    for model in (loaded, theirs):
+        assert model.config.text_config._attn_implementation == "eager"
+        assert model.config.vision_config._attn_implementation == "sdpa"
+    assert loaded.model.visual.config.attn_implementation == "sdpa"
+    loaded.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    assert loaded.config.text_config._attn_implementation == "sdpa"
+    assert loaded.model.visual.config.attn_implementation == "eager"
+    inputs = batch()
+    with torch.no_grad():
+        got, expected = loaded(**inputs).logits, theirs(**inputs).logits
+    mask = inputs["attention_mask"]
+    assert rel_err(masked(got, mask), masked(expected, mask)) < 1e-4
+
+
 def test_mrope_section_of_transformers_tests_for_a_small_head_dim(tmp_path) -> None:
     """transformers' Qwen3-VL test config uses mrope_section [16, 8, 8] with head_dim 8 (4 frequencies)."""
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 8, 8], "mrope_interleaved": True}
