@@ -379,8 +379,10 @@ class VLForConditionalGeneration(VLPreTrainedModel, GenerationMixin):
                 ``cache_dir``, ``revision``, ``output_loading_info``, ``state_dict``, ...).
 
         Raises:
-            ValueError: A pickled checkpoint without ``allow_pickle``, a malformed index or a truncated shard
-                (the file is named), or tensors whose shapes differ from the model's.
+            ValueError: A pickled checkpoint without ``allow_pickle``, or a malformed index or a truncated shard
+                (the file is named).
+            FileNotFoundError: No weights, or an index naming a shard the folder lacks.
+            RuntimeError: Tensors whose shapes differ from the model's (transformers' load report lists them).
         """
         from .checkpoint import load_pretrained
 
