@@ -9,8 +9,9 @@ and ``VLForConditionalGeneration.from_pretrained(folder, attn_implementation="sd
 
 1. Training step (forward + backward, SFT-style labels on the last 256 tokens only) on one row of
    1024 tokens with two 448 px images (grid [1, 28, 28], 196 merged tokens each), ``model.train()``
-   (every dropout is 0). Losses are checked equal (rtol 1e-4) before timing. Our model projects the
-   vocabulary only at labelled positions (``logits=None``); transformers projects all 1024.
+   (every dropout is 0). Losses are checked equal (rtol 1e-4) before timing. Our model is called with
+   ``return_logits=False`` and projects the vocabulary only at labelled positions (``logits=None``; its
+   default forward returns all logits, as transformers does); transformers projects all 1024.
 2. Greedy decoding (``generate(do_sample=False)``, batch 1) from a ~300-token prompt with one 448 px
    image. The generated ids are checked identical before timing. The ratio is over whole
    ``generate`` calls; the note gives tokens/s overall and decode-only (the time of a
@@ -127,10 +128,12 @@ def _inputs(images: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _step(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> Callable[[], float]:
+def _step(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, **forward_kwargs: Any
+) -> Callable[[], float]:
     def step() -> float:
         model.zero_grad(set_to_none=True)
-        loss = model(**inputs, labels=labels).loss
+        loss = model(**inputs, labels=labels, **forward_kwargs).loss
         loss.backward()
         return float(loss.detach())
 
@@ -151,7 +154,7 @@ def _training_row(theirs: torch.nn.Module, ours: torch.nn.Module, quick: bool) -
     labels[:, : SEQ - ANSWER] = -100
     for m in (theirs, ours):
         m.train()
-    step_theirs, step_ours = _step(theirs, inputs, labels), _step(ours, inputs, labels)
+    step_theirs, step_ours = _step(theirs, inputs, labels), _step(ours, inputs, labels, return_logits=False)
     want, got = step_theirs(), step_ours()
     if abs(got - want) > 1e-4 * abs(want):
         raise AssertionError(f"training losses differ: transformers {want!r}, ours {got!r}")

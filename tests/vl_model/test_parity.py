@@ -41,16 +41,21 @@ def test_without_mm_token_type_ids(pair) -> None:
     assert rel_err(masked(got, mask), masked(expected, mask)) < 1e-4
 
 
-def test_loss_matches_and_skips_logits(pair) -> None:
+def test_loss_matches_with_logits_and_labelled_only(pair) -> None:
+    """The default forward returns logits with the loss (as transformers); return_logits=False skips them."""
     ref, ours = pair
     inputs = batch()
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     labels[:, : labels.shape[1] // 2] = -100
     with torch.no_grad():
-        expected = ref(**inputs, labels=labels).loss
+        expected = ref(**inputs, labels=labels)
         out = ours(**inputs, labels=labels)
-    assert out.logits is None
-    assert abs(float(out.loss) - float(expected)) < 1e-4 * abs(float(expected))
+        lean = ours(**inputs, labels=labels, return_logits=False)
+    mask = inputs["attention_mask"]
+    assert rel_err(masked(out.logits, mask), masked(expected.logits, mask)) < 1e-4
+    assert lean.logits is None
+    for loss in (out.loss, lean.loss):
+        assert abs(float(loss) - float(expected.loss)) < 1e-4 * abs(float(expected.loss))
 
 
 def test_logits_to_keep(pair) -> None:

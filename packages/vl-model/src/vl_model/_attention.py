@@ -4,6 +4,9 @@ Packed rows (several samples in one row, as in Qwen3-VL training, arXiv 2511.216
 attend across samples. Without a cache (training, scoring) SDPA and eager get a boolean block-causal
 mask built in one broadcast (:func:`packed_causal_mask`); with a cache they get a mask function for
 ``create_causal_mask``. FlashAttention gets varlen ``cu_seqlens`` instead (it takes no dense mask).
+Rows packed without segment ids, by positions that restart at every sample (transformers'
+``DataCollatorWithFlattening``, TRL's ``padding_free``), get their segment ids from the restarts
+(:func:`segments_from_positions`, transformers' rule) and then the same masks.
 
 Notation: ``B`` batch, ``L`` queries, ``S`` keys, ``Nq``/``Nk`` query/key-value heads, ``D`` head dim.
 """
@@ -17,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["eager_attention", "flash_varlen_kwargs", "packed_causal_mask", "segment_mask_function"]
+__all__ = [
+    "eager_attention",
+    "flash_varlen_kwargs",
+    "packed_causal_mask",
+    "segment_mask_function",
+    "segments_from_positions",
+]
 
 
 def eager_attention(
@@ -87,3 +96,22 @@ def flash_varlen_kwargs(segment_ids: torch.Tensor) -> dict[str, Any]:
     cu = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def segments_from_positions(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """``[B, L]`` sample ids of rows packed by restarting positions, or None when no row restarts.
+
+    A sample starts wherever a position is not its predecessor plus one, the rule transformers applies
+    to padding-free inputs (``find_packed_sequence_indices``). Eager runs return None for unpacked
+    rows (one host sync) so that they keep the plain causal mask; a compiled graph always gets the ids.
+
+    Args:
+        position_ids: ``[B, L]`` (or ``[1, L]``) text positions.
+        batch: ``B``.
+    """
+    positions = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+    segments = (step != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and not bool(segments[:, -1].any()):
+        return None
+    return segments

@@ -263,6 +263,7 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
                 position_ids=lm_positions,
                 use_cache=False,
+                return_dict=True,  # whatever the LM's config says: the fields are read by name
                 **extra,
             )
         finally:

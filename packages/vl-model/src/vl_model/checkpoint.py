@@ -7,8 +7,16 @@ Qwen3-VL-MoE store ``experts.gate_up_proj`` as ``[E, H, 2I]`` and ``experts.down
 Like transformers' ``Transpose(1, 2, check_dims=True)`` conversion, a tensor whose shape already
 matches the model is kept and a transposed one is transposed, so both layouts load.
 
+Loading follows transformers' ``from_pretrained`` semantics: both formats (official checkpoints
+after the expert conversion, as an in-memory ``state_dict``) go through
+``PreTrainedModel.from_pretrained``, so weights the checkpoint lacks are initialised and named in
+transformers' load report (a base-model checkpoint loads into the head class), unused ones are
+reported, and a shape mismatch is an error. ``from_pretrained(None, config=..., state_dict=...)``
+works for either key layout.
+
 Safe by default: only safetensors are read; a pickled ``pytorch_model.bin`` is refused unless
-``allow_pickle=True``, and even then it is read with ``torch.load(weights_only=True)``.
+``allow_pickle=True``, and even then it is read with ``torch.load(weights_only=True)``. A malformed
+index or a truncated safetensors shard is an error naming the file, found before any tensor is read.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import save_torch_state_dict, snapshot_download
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils import cached_file
@@ -30,7 +39,7 @@ from .configuration import VLConfig
 if TYPE_CHECKING:
     from .modeling import VLForConditionalGeneration
 
-__all__ = ["export_qwen3_vl", "load_pretrained", "read_state_dict", "to_model_layout"]
+__all__ = ["check_weight_files", "export_qwen3_vl", "load_pretrained", "read_state_dict", "to_model_layout"]
 
 _OFFICIAL = ("qwen3_vl", "qwen3_vl_moe")
 _EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -58,12 +67,34 @@ def _resolve_dir(name_or_path: str | os.PathLike[str], hub: dict[str, Any]) -> P
     return Path(folder) / hub["subfolder"] if hub.get("subfolder") else Path(folder)
 
 
+def _index_files(index: Path) -> list[str]:
+    """The shard names of an index file, or an error naming the file and what is wrong with it."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"checkpoint index {index} is not valid JSON ({err})") from err
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(
+            f"checkpoint index {index} has no 'weight_map' (a non-empty mapping of tensor names to shard files); "
+            f"got {str(data)[:80]}"
+        )
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"checkpoint index {index}: weight_map values must be shard file names, got {bad[:3]}")
+    return sorted(set(weight_map.values()))
+
+
 def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            paths = [folder / f for f in files]
+            paths = [folder / f for f in _index_files(index)]
+            missing = [p.name for p in paths if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"checkpoint index {index} names shard(s) {missing[:5]} that are not in {folder}"
+                )
             if index_name.endswith(".bin.index.json"):
                 _check_pickle(paths, allow_pickle)
             return paths
@@ -86,10 +117,32 @@ def _check_pickle(paths: Iterable[Path], allow_pickle: bool) -> None:
         )
 
 
+def check_weight_files(paths: Iterable[Path]) -> None:
+    """Open every safetensors file's header: a truncated or corrupt shard is an error naming the file.
+
+    Reads only the headers (safetensors checks that the data they describe is all there), so it costs
+    nothing next to the load itself.
+    """
+    for path in paths:
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error type, not a subclass of OSError
+            size = path.stat().st_size if path.is_file() else 0
+            raise ValueError(
+                f"checkpoint shard {path} ({size} bytes) cannot be read: {err}. The file is probably truncated "
+                f"(an interrupted download or copy); fetch it again"
+            ) from err
+
+
 def read_state_dict(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder (single file or sharded with an index), on CPU."""
+    paths = _weight_files(Path(folder), allow_pickle)
+    check_weight_files(paths)
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(Path(folder), allow_pickle):
+    for path in paths:
         if path.suffix == ".safetensors":
             state.update(load_file(str(path)))
         else:
@@ -97,103 +150,104 @@ def read_state_dict(folder: str | os.PathLike[str], *, allow_pickle: bool = Fals
     return state
 
 
-def to_model_layout(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Transpose Hub-layout MoE expert tensors to the model's shapes; leave every other tensor as is."""
-    params = dict(model.state_dict())
+def _expert_shapes(config: VLConfig) -> dict[str, tuple[int, int, int]]:
+    text = config.text_config
+    e, i, h = int(text.num_experts), int(text.moe_intermediate_size), int(text.hidden_size)
+    return {"mlp.experts.gate_up_proj": (e, 2 * i, h), "mlp.experts.down_proj": (e, h, i)}
+
+
+def to_model_layout(
+    state: dict[str, torch.Tensor], model_or_config: torch.nn.Module | VLConfig
+) -> dict[str, torch.Tensor]:
+    """Transpose Hub-layout MoE expert tensors to the in-memory shapes; leave every other tensor as is.
+
+    Args:
+        state: Tensors by key (any prefix: ``model.language_model.layers...`` or a base model's).
+        model_or_config: The model, or its ``VLConfig`` (the shapes follow from it).
+    """
+    config = model_or_config if isinstance(model_or_config, VLConfig) else model_or_config.config
+    if not isinstance(config, VLConfig) or config.text_config.num_experts <= 0:
+        return dict(state)
+    shapes = _expert_shapes(config)
     out = dict(state)
     for key, value in state.items():
-        if key.endswith(_EXPERT_SUFFIXES) and key in params and value.dim() == 3:
-            want = params[key].shape
+        suffix = next((s for s in _EXPERT_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None and value.dim() == 3:
+            want = torch.Size(shapes[suffix])
             if value.shape != want and value.transpose(1, 2).shape == want:
                 out[key] = value.transpose(1, 2).contiguous()
     return out
 
 
-def _check_keys(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = set(model.state_dict())
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
-    missing = sorted(expected - set(state) - tied)
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {source} does not match the model: {len(missing)} missing key(s) {missing[:20]}"
-            f"{' ...' if len(missing) > 20 else ''}; {len(unexpected)} unexpected key(s) {unexpected[:20]}"
-            f"{' ...' if len(unexpected) > 20 else ''}"
+def _from_state_dict(
+    cls: type[VLForConditionalGeneration], config: VLConfig, state: dict[str, torch.Tensor], kwargs: dict[str, Any]
+) -> Any:
+    """transformers' ``from_pretrained(None, config=..., state_dict=...)`` (missing keys initialised and reported)."""
+    options = {k: v for k, v in kwargs.items() if k not in (*_HUB_KEYS, "config", "state_dict")}
+    return PreTrainedModel.from_pretrained.__func__(  # type: ignore[attr-defined]
+        cls, None, config=config, state_dict=to_model_layout(state, config), **options
+    )
+
+
+def _resolve_dtype(kwargs: dict[str, Any], data: dict[str, Any]) -> Any:
+    """``dtype`` / ``torch_dtype`` as a torch dtype (``"auto"``: the checkpoint's, float32 if it names none)."""
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if dtype == "auto":
+        text = data.get("text_config") or {}
+        dtype = (
+            data.get("dtype") or data.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "float32"
         )
-    for key, value in state.items():
-        want = model.state_dict()[key].shape
-        if value.shape != want:
-            raise ValueError(
-                f"checkpoint {source}: {key} has shape {tuple(value.shape)}, the model expects {tuple(want)}"
-            )
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _load_official(
     cls: type[VLForConditionalGeneration],
     folder: Path,
     data: dict[str, Any],
+    config: VLConfig | None,
     allow_pickle: bool,
     kwargs: dict[str, Any],
-) -> VLForConditionalGeneration:
-    config = VLConfig.from_qwen3_vl(data)
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if dtype == "auto":
-        dtype = getattr(torch, str(data.get("dtype") or data.get("torch_dtype") or "float32"))
-    build: dict[str, Any] = {}
+) -> Any:
+    config = config if config is not None else VLConfig.from_qwen3_vl(data)
+    options = {k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype")}
+    dtype = _resolve_dtype(kwargs, data)
     if dtype is not None:
-        build["dtype"] = dtype
-    if kwargs.get("attn_implementation") is not None:
-        build["attn_implementation"] = kwargs["attn_implementation"]
-    model = cls._from_config(config, **build)
-    state = to_model_layout(read_state_dict(folder, allow_pickle=allow_pickle), model)
-    _check_keys(model, state, str(folder))
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+        options["dtype"] = dtype
+    loaded = _from_state_dict(cls, config, read_state_dict(folder, allow_pickle=allow_pickle), options)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    device = kwargs.get("device_map")
-    if isinstance(device, str | torch.device) and str(device) != "auto":
-        model.to(device)
-    return model.eval()
+    return loaded
 
 
 def load_pretrained(
     cls: type[VLForConditionalGeneration],
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] | None,
     model_args: tuple[Any, ...],
     *,
     allow_pickle: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """``VLForConditionalGeneration.from_pretrained``: our format, or an official Qwen3-VL(-MoE) checkpoint."""
-    hub = _hub_kwargs(kwargs)
+    """``VLForConditionalGeneration.from_pretrained``: our format, an official Qwen3-VL(-MoE) checkpoint, or
+    ``None`` with ``config`` and ``state_dict``."""
     config = kwargs.get("config")
-    if not isinstance(config, VLConfig):
-        config_file = cached_file(str(name_or_path), "config.json", **hub)
-        data = json.loads(Path(str(config_file)).read_text())
-        if data.get("model_type") in _OFFICIAL:
-            folder = _resolve_dir(name_or_path, hub)
-            return _load_official(cls, folder, data, allow_pickle, kwargs)
-        folder = Path(str(config_file)).parent
-    else:
+    if name_or_path is None:
+        state = kwargs.get("state_dict")
+        if not isinstance(config, VLConfig) or state is None:
+            raise ValueError("from_pretrained(None, ...) needs config=VLConfig(...) and state_dict=...")
+        return _from_state_dict(cls, config, state, kwargs)
+    hub = _hub_kwargs(kwargs)
+    config_file = cached_file(str(name_or_path), "config.json", **hub, _raise_exceptions_for_missing_entries=False)
+    data = json.loads(Path(str(config_file)).read_text()) if config_file is not None else {}
+    if data.get("model_type") in _OFFICIAL:
         folder = _resolve_dir(name_or_path, hub)
-    _weight_files(folder, allow_pickle)  # refuses pickles before transformers would read them
-    want_info = bool(kwargs.pop("output_loading_info", False))
-    model, info = PreTrainedModel.from_pretrained.__func__(  # type: ignore[attr-defined]
-        cls, name_or_path, *model_args, output_loading_info=True, **kwargs
+        given = config if isinstance(config, VLConfig) else None
+        return _load_official(cls, folder, data, given, allow_pickle, kwargs)
+    folder = _resolve_dir(name_or_path, hub)
+    check_weight_files(_weight_files(folder, allow_pickle))  # refuses pickles, names broken files
+    return PreTrainedModel.from_pretrained.__func__(  # type: ignore[attr-defined]
+        cls, name_or_path, *model_args, **kwargs
     )
-    missing = sorted(info.get("missing_keys", []))
-    unexpected = sorted(info.get("unexpected_keys", []))
-    mismatched = list(info.get("mismatched_keys", []))
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"checkpoint {name_or_path} does not match the model: {len(missing)} missing key(s) {missing[:20]}; "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:20]}; {len(mismatched)} shape mismatch(es) "
-            f"{mismatched[:5]}"
-        )
-    return (model, info) if want_info else model
 
 
 def export_qwen3_vl(

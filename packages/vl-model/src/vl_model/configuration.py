@@ -7,13 +7,18 @@
   ``VLConfig.from_qwen3_vl`` maps official ``qwen3_vl`` / ``qwen3_vl_moe`` configs.
 
 Field meanings follow the Qwen3-VL technical report (arXiv 2511.21631) as encoded in
-transformers' ``Qwen3VLConfig``. Keys that are neither ours nor generic ``PreTrainedConfig`` /
-generation keys raise a ``ValueError`` naming them, so a typo never silently builds another model.
+transformers' ``Qwen3VLConfig``. As with any transformers config, keys we do not know are kept as
+attributes (``quantization_config``, user attributes, generic ``PreTrainedConfig`` keys), so every
+``config.json`` transformers reads loads here too; a key that looks like a typo of one of our own
+fields (``hiden_size``) draws a warning naming the near match, so a typo never silently builds
+another model unnoticed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import warnings
 from typing import Any, ClassVar
 
 from transformers import GenerationConfig, PretrainedConfig
@@ -74,12 +79,22 @@ _GENERIC_KEYS = frozenset(
 )
 
 
-def _reject_unknown(config_name: str, kwargs: dict[str, Any], known: set[str]) -> None:
-    """Raise naming every key that is neither a field nor a generic config/generation key."""
+def _warn_near_misses(config_name: str, kwargs: dict[str, Any], known: set[str]) -> None:
+    """Warn about every unknown key that is a near match of one of our fields (a likely typo).
+
+    Other unknown keys are kept silently, as transformers keeps them (``quantization_config``, user
+    attributes, keys of newer transformers versions).
+    """
     generic = _GENERIC_KEYS | set(GenerationConfig._get_default_generation_params())
-    unknown = sorted(k for k in kwargs if k not in generic and k not in known and not k.startswith("_"))
-    if unknown:
-        raise ValueError(f"unknown {config_name} field(s) {unknown}; known fields: {sorted(known)}")
+    for key in sorted(k for k in kwargs if k not in generic and k not in known and not k.startswith("_")):
+        near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if near:
+            warnings.warn(
+                f"{config_name} got the unknown key {key!r} (kept as an attribute; the model does not read it): "
+                f"did you mean {near[0]!r}?",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def _field_names(cls: type) -> set[str]:
@@ -130,7 +145,7 @@ class VLTextConfig(PretrainedConfig):
     moe_backend: str = "auto"
 
     def __post_init__(self, **kwargs: Any) -> None:
-        _reject_unknown("VLTextConfig", kwargs, _field_names(type(self)))
+        _warn_near_misses("VLTextConfig", kwargs, _field_names(type(self)))
         for key in ("sliding_window", "max_window_layers", "use_sliding_window", "layer_types"):
             kwargs.pop(key, None)  # Qwen3-VL-MoE text configs carry these but never use them
         if self.num_key_value_heads is None:
@@ -151,9 +166,14 @@ class VLTextConfig(PretrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if sum(rope["mrope_section"]) != self.head_dim // 2:
+        section = rope["mrope_section"]
+        if len(section) != 3 or any(int(s) < 0 for s in section):
+            raise ValueError(f"mrope_section must be three non-negative sizes (t, h, w), got {list(section)}")
+        # the interleaved layout reads any section (see _decoder.rotary_sections), as transformers does;
+        # chunked sections must cover the rotary frequencies exactly
+        if not rope["mrope_interleaved"] and sum(section) != self.head_dim // 2:
             raise ValueError(
-                f"mrope_section {rope['mrope_section']} sums to {sum(rope['mrope_section'])} but head_dim "
+                f"chunked mrope_section {list(section)} sums to {sum(section)} but head_dim "
                 f"{self.head_dim} has {self.head_dim // 2} rotary frequencies"
             )
 
@@ -209,7 +229,7 @@ class VLVisionConfig(PretrainedConfig):
     rope_parameters: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        _reject_unknown("VLVisionConfig", kwargs, _field_names(type(self)))
+        _warn_near_misses("VLVisionConfig", kwargs, _field_names(type(self)))
         self.deepstack_visual_indexes = list(self.deepstack_visual_indexes)
         super().__post_init__(**kwargs)
 
@@ -247,7 +267,7 @@ class VLConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
-        _reject_unknown("VLConfig", kwargs, _field_names(type(self)))
+        _warn_near_misses("VLConfig", kwargs, _field_names(type(self)))
         for key in ("text_config", "vision_config"):
             sub = getattr(self, key)
             if isinstance(sub, dict) and str(sub.get("model_type", "")).startswith("qwen3_vl"):
@@ -264,7 +284,7 @@ class VLConfig(PretrainedConfig):
             **overrides: Top-level ``VLConfig`` fields to set on top.
 
         Raises:
-            ValueError: Another ``model_type``, or fields our config does not know.
+            ValueError: Another ``model_type``.
         """
         data = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
         model_type = data.get("model_type")

@@ -182,6 +182,7 @@ class CoreRuntime:
             mm_token_type_ids=mm_token_type_ids,
             use_cache=False,
             output_router_logits=output_router_logits,
+            return_dict=True,  # whatever the config says: the fields are read by name
         )
         logits = tuple(out.router_logits) if output_router_logits and out.router_logits else None
         return HiddenStates(out.last_hidden_state, logits)

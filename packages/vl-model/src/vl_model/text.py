@@ -6,9 +6,13 @@ interleaved MRoPE from ``vl_rope``) -> residual -> RMSNorm -> SwiGLU MLP or ``vl
 -> residual. DeepStack: after decoder layer ``i < len(deepstack)`` the ``i``-th DeepStack feature
 set is *added* to the hidden states at the visual positions.
 
-Attention runs through transformers' attention interface (``sdpa`` by default, FlashAttention when
-installed, a local eager path for debugging) with the mask built by ``create_causal_mask``; a
-``segment_ids`` tensor confines attention to each packed sample.
+The layers are built from their parts by ``_decoder.build_decoder_layer``. Attention runs through
+transformers' attention interface (``sdpa`` by default, FlashAttention when installed, a local eager
+path that also returns the attention probabilities) with the mask built by ``create_causal_mask``;
+``segment_ids``, or positions that restart at every packed sample, confine attention to each sample.
+What user code sees follows transformers' ``Qwen3VLTextModel``: ``hidden_states`` are the embeddings,
+each layer's output before its DeepStack addition, and the final normed output; ``output_*`` and
+``return_dict`` default to the config's values.
 
 Notation: ``B`` batch, ``L`` new tokens, ``S`` cached + new tokens, ``H`` hidden size, ``D`` head dim,
 ``Nq``/``Nk`` query/key-value heads, ``V`` visual positions.
@@ -17,7 +21,6 @@ Notation: ``B`` batch, ``L`` new tokens, ``S`` cached + new tokens, ``H`` hidden
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,156 +28,24 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
-from vl_moe import MoEExperts, SparseMoeBlock, TopKRouter
-from vl_rope import MRoPE, apply_rotary
+from vl_moe import MoEExperts, TopKRouter
+from vl_rope import MRoPE
 from vl_vision import VisionTransformer
 
-from ._attention import eager_attention, flash_varlen_kwargs, packed_causal_mask, segment_mask_function
+from ._attention import flash_varlen_kwargs, packed_causal_mask, segment_mask_function, segments_from_positions
+from ._decoder import RMSNorm, build_decoder_layer, head_dim_of, rotary_sections
+from ._inputs import check_token_ids
+from ._vision import VISION_ATTN, VLVisionTower
 from .configuration import VLConfig, VLTextConfig
 
-__all__ = ["RMSNorm", "VLPreTrainedModel", "VLTextModel", "VLTextModelOutput"]
+__all__ = ["RMSNorm", "VLPreTrainedModel", "VLTextModel", "VLTextModelOutput", "add_at_positions"]
 
-
-# transformers' attention names -> the vision tower's backends
-VISION_ATTN = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash", "flash_attention_3": "flash"}
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, scaled by a learned weight (Qwen3 convention)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
-
-
-def head_dim_of(config: VLTextConfig) -> int:
-    """``head_dim``, or ``hidden_size / num_attention_heads`` when the config leaves it unset."""
-    return int(config.head_dim or config.hidden_size // config.num_attention_heads)
-
-
-class VLTextAttention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm and MRoPE (keys ``q_proj``..``k_norm``)."""
-
-    def __init__(self, config: VLTextConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        d, kv_heads = head_dim_of(config), int(config.num_key_value_heads or config.num_attention_heads)
-        self.head_dim = d
-        self.num_key_value_groups = config.num_attention_heads // kv_heads
-        self.scaling = d**-0.5
-        self.attention_dropout = float(config.attention_dropout)
-        self.is_causal = True
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * d, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * d, config.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Any,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[B, L, H] -> [B, L, H]`` (and the attention probabilities on the eager path)."""
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        q, k = apply_rotary(q, k, *cos_sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        attend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention)
-        out, probs = attend(
-            self,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), probs
-
-
-class VLTextMLP(nn.Module):
-    """Dense SwiGLU MLP: ``down(act(gate(x)) * up(x))``."""
-
-    def __init__(self, config: VLTextConfig) -> None:
-        super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class VLTextDecoderLayer(nn.Module):
-    """One pre-norm decoder layer; ``mlp`` is ``VLTextMLP`` or ``vl_moe.SparseMoeBlock`` per the config."""
-
-    def __init__(self, config: VLTextConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.self_attn = VLTextAttention(config, layer_idx)
-        self.mlp: nn.Module
-        if config.is_moe_layer(layer_idx):
-            self.mlp = SparseMoeBlock(
-                config.hidden_size,
-                config.moe_intermediate_size,
-                config.num_experts,
-                config.num_experts_per_tok,
-                backend=config.moe_backend,
-                renormalize=config.norm_topk_prob,
-                init_std=config.initializer_range,
-            )
-        else:
-            self.mlp = VLTextMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Any,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and, for an MoE layer, the router logits ``[B*L, E]``."""
-        attn, _ = self.self_attn(
-            self.input_layernorm(hidden_states), cos_sin, attention_mask, past_key_values, **kwargs
-        )
-        hidden_states = hidden_states + attn
-        h = self.post_attention_layernorm(hidden_states)
-        router_logits = None
-        if isinstance(self.mlp, SparseMoeBlock):
-            moe = self.mlp.forward_with_router(h)
-            h, router_logits = moe.hidden_states, moe.router_logits
-        else:
-            h = self.mlp(h)
-        return hidden_states + h, router_logits
+logger = logging.get_logger(__name__)
 
 
 class VLPreTrainedModel(PreTrainedModel):
@@ -192,11 +63,19 @@ class VLPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     def set_attn_implementation(self, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
-        """Switch the decoder's attention (transformers names) and every vision tower's matching backend."""
+        """Switch the decoder's attention (transformers names) and every vision tower's matching backend.
+
+        A dict (``{"text_config": ..., "vision_config": ...}``) sets each part as in transformers.
+        """
         out = super().set_attn_implementation(attn_implementation, *args, **kwargs)
-        name = attn_implementation if isinstance(attn_implementation, str) else self.config._attn_implementation
+        vision_config = getattr(self.config, "vision_config", None)
+        name = getattr(vision_config, "_attn_implementation", None) or (
+            attn_implementation if isinstance(attn_implementation, str) else self.config._attn_implementation
+        )
         for module in self.modules():
-            if isinstance(module, VisionTransformer):
+            if isinstance(module, VLVisionTower):
+                module.set_attn_implementation(str(name))
+            elif isinstance(module, VisionTransformer):
                 module.set_attn_implementation(VISION_ATTN.get(str(name), "sdpa"))
         return out
 
@@ -222,9 +101,17 @@ class VLPreTrainedModel(PreTrainedModel):
 
 @dataclass
 class VLTextModelOutput(BaseModelOutputWithPast):
-    """``BaseModelOutputWithPast`` plus the MoE router logits (one ``[B*L, E]`` per MoE layer)."""
+    """``BaseModelOutputWithPast`` plus the MoE router logits (one ``[B*L, E]`` per MoE layer).
+
+    Field order equals transformers' ``MoeModelOutputWithPast``, so ``to_tuple()`` matches it.
+    """
 
     router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def _flag(given: bool | None, config: Any, name: str) -> bool:
+    """An ``output_*`` / ``return_dict`` switch: the argument when given, else the config's value."""
+    return bool(getattr(config, name, False)) if given is None else bool(given)
 
 
 class VLTextModel(VLPreTrainedModel):
@@ -236,17 +123,19 @@ class VLTextModel(VLPreTrainedModel):
     def __init__(self, config: VLTextConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([VLTextDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([build_decoder_layer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         rope: dict[str, Any] = dict(config.rope_parameters or {})
+        head_dim = head_dim_of(config)
+        interleaved = bool(rope.get("mrope_interleaved", True))
         # the frequency tables are built with ops that have no meta kernel (meta-device loading)
         device = torch.device("cpu") if torch.empty(0).device.type == "meta" else None
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.rotary_emb = MRoPE(
-                head_dim_of(config),
+                head_dim,
                 float(rope["rope_theta"]),
-                rope["mrope_section"],
-                interleaved=bool(rope.get("mrope_interleaved", True)),
+                rotary_sections(rope["mrope_section"], head_dim // 2, interleaved),
+                interleaved=interleaved,
                 scaling=config.rope_scaling_spec(),
             )
         self.gradient_checkpointing = False
@@ -264,6 +153,33 @@ class VLTextModel(VLPreTrainedModel):
                 f"with a factor, or raise max_position_embeddings"
             )
 
+    def _mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        segment_ids: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, dict[str, Any]]:
+        """The attention mask for the implementation in use (and FlashAttention's varlen kwargs)."""
+        implementation = str(self.config._attn_implementation or "sdpa")
+        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
+        plain_padding = attention_mask is None or attention_mask.dim() == 2
+        if segment_ids is not None and "flash" in implementation:
+            # FlashAttention takes no mask function: run the packed samples as varlen sequences instead
+            return None, {**flash_varlen_kwargs(segment_ids), **kwargs}
+        if segment_ids is not None and fresh and plain_padding and implementation in ("sdpa", "eager"):
+            return packed_causal_mask(segment_ids, attention_mask), kwargs
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=None,
+            and_mask_function=None if segment_ids is None else segment_mask_function(segment_ids),
+        )
+        return mask, kwargs
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -277,28 +193,42 @@ class VLTextModel(VLPreTrainedModel):
         segment_ids: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> VLTextModelOutput:
+    ) -> VLTextModelOutput | tuple[Any, ...]:
         """Run the decoder.
 
         Args:
             input_ids: ``[B, L]`` (or give ``inputs_embeds [B, L, H]``).
             attention_mask: ``[B, S]``, 0 at padding (or a prepared 4-D mask).
-            position_ids: ``[3, B, L]`` MRoPE positions, ``[4, B, L]`` (a text row first, ignored) or ``[B, L]``;
-                default: consecutive positions after the cache.
+            position_ids: ``[3, B, L]`` MRoPE positions, ``[4, B, L]`` (a text row first) or ``[B, L]``;
+                default: consecutive positions after the cache. Without ``attention_mask`` and cache, text
+                positions (``[B, L]`` or the first row of ``[4, B, L]``) that restart mark packed samples,
+                which then attend only within themselves, as in transformers.
             past_key_values: A transformers ``Cache``; created when ``use_cache`` and absent.
             inputs_embeds: ``[B, L, H]``.
             use_cache: Return the cache.
             visual_pos_masks: ``[B, L]`` True at the ``V`` visual positions (DeepStack targets).
             deepstack_visual_embeds: One ``[V, H]`` tensor per DeepStack layer, added after layers 0, 1, ...
             segment_ids: ``[B, L]`` packed-sample ids: attention stays within each sample.
-            output_hidden_states: Also return each layer's input and the final output.
+            output_hidden_states: Also return the embeddings, each layer's output (before its DeepStack
+                addition) and the final normed output (``num_hidden_layers + 1`` tensors; the last layer's
+                output is replaced by the normed one). Default: the config's value.
             output_router_logits: Also return the MoE router logits.
+            output_attentions: Also return each layer's attention probabilities ``[B, Nq, L, S]``; only the
+                eager implementation has them (another one warns and returns an empty tuple, as transformers).
+                Default: the config's value.
+            return_dict: False returns ``to_tuple()`` of the output. Default: the config's value.
             **kwargs: Passed to the attention function (e.g. FlashAttention varlen arguments).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        want_hidden = _flag(output_hidden_states, self.config, "output_hidden_states")
+        want_attentions = _flag(output_attentions, self.config, "output_attentions")
         if inputs_embeds is None:
+            assert input_ids is not None
+            check_token_ids(input_ids, self.embed_tokens.num_embeddings, training=self.training)
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -307,48 +237,40 @@ class VLTextModel(VLPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         batch, length = inputs_embeds.shape[:2]
+        text_positions = None
         if position_ids is None:
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(3, batch, -1)
         elif position_ids.dim() == 2:
+            text_positions = position_ids
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         elif position_ids.shape[0] == 4:
-            position_ids = position_ids[1:]
+            text_positions, position_ids = position_ids[0], position_ids[1:]
         self._check_context(position_ids)
-
-        implementation = str(self.config._attn_implementation or "sdpa")
         fresh = past_key_values is None or past_key_values.get_seq_length() == 0
-        plain_padding = attention_mask is None or attention_mask.dim() == 2
-        mask: Any = None
-        if segment_ids is not None and "flash" in implementation:
-            # FlashAttention takes no mask function: run the packed samples as varlen sequences instead
-            kwargs = {**flash_varlen_kwargs(segment_ids), **kwargs}
-        elif segment_ids is not None and fresh and plain_padding and implementation in ("sdpa", "eager"):
-            mask = packed_causal_mask(segment_ids, attention_mask)
-        else:
-            mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                position_ids=None,
-                and_mask_function=None if segment_ids is None else segment_mask_function(segment_ids),
+        if segment_ids is None and attention_mask is None and text_positions is not None and fresh:
+            segment_ids = segments_from_positions(text_positions, batch)
+        mask, kwargs = self._mask(inputs_embeds, attention_mask, past_key_values, segment_ids, kwargs)
+        if want_attentions and str(self.config._attn_implementation or "sdpa") != "eager":
+            logger.warning_once(
+                f"`{self.config._attn_implementation}` attention does not return attention probabilities: "
+                "set attn_implementation='eager' for output_attentions=True"
             )
+
         cos_sin = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
         hidden = inputs_embeds
-        all_hidden: list[torch.Tensor] = []
+        all_hidden: list[torch.Tensor] = [hidden] if want_hidden else []
         routers: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            if self.gradient_checkpointing and self.training:
-                hidden, router = self._gradient_checkpointing_func(
-                    layer.__call__, hidden, cos_sin, mask, past_key_values, **kwargs
-                )
-            else:
-                hidden, router = layer(hidden, cos_sin, mask, past_key_values, **kwargs)
+            hidden, router, probs = layer(hidden, cos_sin, mask, past_key_values=past_key_values, **kwargs)
             if router is not None:
                 routers.append(router)
+            if want_attentions and probs is not None:
+                attentions.append(probs)
+            if want_hidden and i < last:
+                all_hidden.append(hidden)
             if (
                 deepstack_visual_embeds is not None
                 and visual_pos_masks is not None
@@ -356,14 +278,16 @@ class VLTextModel(VLPreTrainedModel):
             ):
                 hidden = add_at_positions(hidden, visual_pos_masks, deepstack_visual_embeds[i])
         hidden = self.norm(hidden)
-        if output_hidden_states:
+        if want_hidden:
             all_hidden.append(hidden)
-        return VLTextModelOutput(
+        out = VLTextModelOutput(
             last_hidden_state=hidden,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            hidden_states=tuple(all_hidden) if want_hidden else None,
+            attentions=tuple(attentions) if want_attentions else None,
             router_logits=tuple(routers) if output_router_logits and routers else None,
         )
+        return out if _flag(return_dict, self.config, "return_dict") else out.to_tuple()
 
 
 def add_at_positions(hidden: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
