@@ -152,7 +152,7 @@ class CoreRuntime:
     """:class:`TrainableVLM` for ``VLForConditionalGeneration`` (``model.visual``, ``model.language_model``, ``lm_head``)."""
 
     model: Any
-    lm_head: nn.Linear
+    lm_head: Any
     config: Any
 
     def forward_hidden(
