@@ -40,6 +40,7 @@ __all__ = [
     "build_processor",
     "check_processor",
     "load_model",
+    "save_model",
     "weights_folder",
 ]
 
@@ -285,3 +286,11 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
         rows_per_batch=config.micro_batch_size,
         packing=config.packing,
     )
+
+
+def save_model(model: Any, processor: Any, folder: str | Path) -> Path:
+    """Save ``model`` and its ``processor`` into ``folder`` (the next stage's ``init_from``); returns the folder."""
+    out = Path(folder)
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out

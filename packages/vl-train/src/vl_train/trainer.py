@@ -61,11 +61,13 @@ class Trainer(TrainingLoop):
         eval_batches: Batches for a mean per-token loss at the end of the run.
         callbacks: ``callback(trainer, record)`` after every step (and its checkpoint); a truthy
             return value stops the run.
-        resume: ``True``: continue from the latest checkpoint in ``config.output_dir`` (if any); a
-            path: from that checkpoint (or the latest one inside that folder).
+        resume: ``True``: continue from the latest valid checkpoint in ``config.output_dir`` (if any);
+            a path: from that checkpoint (or the latest valid one inside that folder).
+        overwrite: Start afresh in an output folder that holds another run (deleting its checkpoints and
+            metrics); without it such a folder is an error.
 
     Raises:
-        OutputDirError: ``config.output_dir`` cannot be created or written (before any training).
+        OutputDirError: ``config.output_dir`` cannot be written or holds another run (before any training).
     """
 
     config: TrainConfig
@@ -79,11 +81,12 @@ class Trainer(TrainingLoop):
         eval_batches: Iterable[dict[str, Any]] | None = None,
         callbacks: Sequence[Callback] = (),
         resume: bool | str | os.PathLike[str] = False,
+        overwrite: bool = False,
     ) -> None:
         self.data = train_batches
         self._batches = iterate(train_batches)
         self.eval_batches = eval_batches
-        super().__init__(model, config, callbacks=callbacks, resume=resume)
+        super().__init__(model, config, callbacks=callbacks, resume=resume, overwrite=overwrite)
         forward: Any = model.forward_hidden
         self.loss = StepLoss(model, torch.compile(forward) if config.compile else forward, config, self._autocast)
 
