@@ -102,9 +102,9 @@ def _with_budgets(processor: Any, section: Mapping[str, Any]) -> Any:
     video = {k: section[k] for k in _VIDEO_BUDGETS if k in section}
     if not image and not video:
         return processor
-    settings = processor.to_dict()
-    processor.image_processor = ImageProcessor(**{**settings["image_processor"], **image})
-    processor.video_processor = VideoProcessor(**{**settings["video_processor"], **video})
+    image_settings, video_settings = processor.media_settings()
+    processor.image_processor = ImageProcessor(**{**image_settings, **image})
+    processor.video_processor = VideoProcessor(**{**video_settings, **video})
     return processor
 
 
