@@ -5,8 +5,10 @@ each expert's run to a multiple of ``BLOCK_M``), so ``BLOCK_M`` follows the expe
 expert: 16-row blocks for small batches (little padding waste), 32 and 64 in between, 128 once
 an expert gets 128 rows or more (the 30B-A3B layer from 2K tokens: each weight tile is then
 reused by twice the rows of a 64-row block). Batches of at most :data:`DECODE_MAX_PAIRS` routed
-pairs run inference on the two-launch decode path instead (``decode=True``). Under Triton's CPU
-interpreter every program runs in Python, so the tiles are small there.
+pairs run inference on the two-launch decode path instead (``decode=True``). float32 inputs
+(exact products on the CUDA cores) and widths that are no multiple of 16 (element-wise loads)
+get narrower tiles, which keep them free of register spills. Under Triton's CPU interpreter
+every program runs in Python, so the tiles are small there.
 
 Where :mod:`vl_moe.kernels.table` holds a table tuned on the GPU at hand for the layer's shape
 (written by ``python -m vl_moe.kernels.tune``, vLLM's approach), the entry tuned for the nearest
@@ -89,17 +91,29 @@ class KernelConfig:
             raise ValueError(f"{where}: {err}") from err
 
 
-def _rule(num_pairs: int, num_experts: int, *, train: bool) -> KernelConfig:
+def _rule(num_pairs: int, num_experts: int, *, train: bool, dtype: torch.dtype | None, aligned: bool) -> KernelConfig:
+    """The rule behind :func:`pick_config` (sizes checked spill-free for sm_90 and sm_100 by ``tests/gpu_compile``)."""
     rows_per_expert = num_pairs / max(num_experts, 1)
     if not train and num_pairs <= DECODE_MAX_PAIRS:
         return KernelConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=3, decode=True)
     if rows_per_expert <= 16:
-        return KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        return KernelConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    if rows_per_expert < 128:
-        return KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
-    return KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, block_dw=128)
+        cfg = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 64:
+        cfg = KernelConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    elif rows_per_expert < 128:
+        cfg = KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    else:
+        cfg = KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, block_dw=128)
+    if dtype == torch.float32:
+        # Exact float32 products run on the CUDA cores (no tensor cores): large tiles only add registers
+        # (128-row weight-gradient tiles spill kilobytes) and shared memory, for no reuse the FMAs can use.
+        small = {"block_m": min(cfg.block_m, 64), "block_n": min(cfg.block_n, 64), "block_k": min(cfg.block_k, 32)}
+        cfg = dataclasses.replace(cfg, **small, block_dw=64, num_warps=4)
+    if not aligned:
+        # Rows whose strides are no multiple of 16 elements load element by element, one 64-bit address
+        # per element: 128-wide tiles then spill. Narrow tiles keep the address tensors in registers.
+        cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, 32), block_k=min(cfg.block_k, 32), block_dw=64)
+    return cfg
 
 
 def pick_config(
@@ -140,7 +154,8 @@ def pick_config(
         tuned = lookup(device_name, num_experts, hidden, inter, top_k, dtype, num_tokens=num_pairs // top_k)
         if tuned is not None and not (train and tuned.decode):
             return tuned
-    return _rule(num_pairs, num_experts, train=train)
+    aligned = all(width is None or width % 16 == 0 for width in (hidden, inter))
+    return _rule(num_pairs, num_experts, train=train, dtype=dtype, aligned=aligned)
 
 
 def fit(block: int, width: int) -> int:
