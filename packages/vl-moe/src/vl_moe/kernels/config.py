@@ -107,8 +107,14 @@ def _rule(num_pairs: int, num_experts: int, *, train: bool, dtype: torch.dtype |
     if dtype == torch.float32:
         # Exact float32 products run on the CUDA cores (no tensor cores): large tiles only add registers
         # (128-row weight-gradient tiles spill kilobytes) and shared memory, for no reuse the FMAs can use.
-        small = {"block_m": min(cfg.block_m, 64), "block_n": min(cfg.block_n, 64), "block_k": min(cfg.block_k, 32)}
-        cfg = dataclasses.replace(cfg, **small, block_dw=64, num_warps=4)
+        cfg = dataclasses.replace(
+            cfg,
+            block_m=min(cfg.block_m, 64),
+            block_n=min(cfg.block_n, 64),
+            block_k=min(cfg.block_k, 32),
+            block_dw=64,
+            num_warps=4,
+        )
     if not aligned:
         # Rows whose strides are no multiple of 16 elements load element by element, one 64-bit address
         # per element: 128-wide tiles then spill. Narrow tiles keep the address tensors in registers.
