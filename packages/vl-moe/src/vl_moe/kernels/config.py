@@ -87,7 +87,7 @@ class KernelConfig:
             raise ValueError(f"{where}: unknown KernelConfig keys {unknown} (known: {sorted(names)})")
         try:
             return cls(**entry)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from err
 
 
