@@ -94,12 +94,12 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, vali
     """
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a positive power of two, got {block_m}")
-    if validate:
-        check_topk_ids(topk_ids, num_experts)
     kern = _kernels()
     from vl_moe.kernels import _common
 
     device = _common.check_device("align_tokens", topk_ids)
+    if validate:
+        check_topk_ids(topk_ids, num_experts)
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
     ids = topk_ids.reshape(-1).contiguous()
