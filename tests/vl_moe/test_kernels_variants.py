@@ -201,3 +201,26 @@ def test_grouped_order_visits_every_tile_once(num_pid_m: int, num_pid_n: int, gr
     # Within a group, the row block changes fastest: the first min(group_m, M) programs share column tile 0.
     first = tiles[: min(group_m, num_pid_m)]
     assert [n for _, n in first] == [0] * len(first) and [m for m, _ in first] == list(range(len(first)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 8])
+def test_gpu_decode_path_30b_shape_two_kernels(num_tokens: int) -> None:
+    """Decode at the 30B-A3B shape (bf16): the rule picks the decode path, two CUDA kernels, right output."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    t, h, i, e, k = num_tokens, 2048, 768, 128, 8
+    x = torch.randn(t, h, device="cuda", generator=gen).bfloat16()
+    wgu = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) / h**0.5).bfloat16()
+    wd = (torch.randn(e, h, i, device="cuda", generator=gen) / i**0.5).bfloat16()
+    weights, ids = torch.randn(t, e, device="cuda", generator=gen).softmax(-1).topk(k, dim=-1)
+    with torch.no_grad():
+        triton_moe_experts(x, weights, ids, wgu, wd, validate_ids=False)  # compile outside the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y = triton_moe_experts(x, weights, ids, wgu, wd, validate_ids=False)
+            torch.cuda.synchronize()
+    kernels = [evt.name for evt in prof.events() if "CUDA" in str(getattr(evt, "device_type", ""))]
+    assert len(kernels) == 2 and all(name.startswith("decode_") for name in kernels), kernels
+    want = reference(x.double(), weights.double(), ids, wgu.double(), wd.double())
+    assert ((y.double() - want).norm() / want.norm()).item() <= 1e-2
