@@ -11,8 +11,8 @@ dtypes, no memory) for a set of scenarios: every layer shape, token count, dtype
 specialised exactly as ``JITFunction.run`` would on a GPU (argument types, 16-byte divisibility,
 constexprs, ``num_warps``/``num_stages``) but for a fixed ``GPUTarget``, deduplicated, compiled with
 ``triton.compile`` (Triton's MLIR pipeline and the ``ptxas`` shipped in its wheel), whose ``ptxas -v``
-report (registers, spill stores/loads, stack frame) is read; on a Triton cache hit the PTX is
-assembled once more with ``ptxas -v`` for that report.
+report (registers, spill stores/loads, stack frame) is read and kept beside Triton's cache (keyed
+by the kernel's hash) for the next run's cache hits.
 Dynamic shared memory comes from the compiled metadata. Two toy kernels, one register-hungry and
 one with too much shared memory, check that the detector sees both faults.
 
@@ -255,13 +255,22 @@ def compile_job(job: dict[str, Any]) -> dict[str, Any]:
         with contextlib.redirect_stdout(printed):  # Triton prints ptxas' -v report when it runs ptxas
             compiled = triton.compile(src, target=target, options=options)
         log = printed.getvalue()
-        if not PTXAS_REGS.search(log):  # Triton's cache had the binary: assemble its PTX once more for the report
+        # The report is kept next to Triton's cache, keyed by the compiled kernel's hash, for cache hits.
+        saved = Path(knobs.cache.dir) / "vl_suite_ptxas" / f"{compiled.metadata.hash}.log"
+        if PTXAS_REGS.search(log):
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(log)
+        elif saved.is_file():
+            log = saved.read_text()
+        else:  # Triton's cache had the binary but not our report: assemble its PTX once more
             with tempfile.TemporaryDirectory() as tmp:
                 ptx = Path(tmp) / "kernel.ptx"
                 ptx.write_text(compiled.asm["ptx"])
                 cmd = [get_ptxas(arch).path, "-v", "-lineinfo", "--regAllocOptLevel=2",
                        f"--gpu-name={sm_arch_from_capability(arch)}", str(ptx), "-o", str(ptx) + ".o"]  # fmt: skip
                 log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(log)
         frame, stores, loads = (int(v) for v in PTXAS_LINE.search(log).groups())  # type: ignore[union-attr]
         record.update(
             registers=int(PTXAS_REGS.search(log).group(1)),  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ more registers than the register file holds fails the test, naming the kernel, i
 and the scenario that launches it. Two toy kernels check the detector itself.
 
 Marked ``gpu_compile``; runs in the default session (``nox -s tests``). Skips only if ptxas cannot
-run. Triton's on-disk cache makes a second run fast (about 15 s on two cores, against about a minute cold).
+run. Triton's on-disk cache (and the ptxas reports kept beside it) make a second run take about 15 s.
 """
 
 from __future__ import annotations
