@@ -269,6 +269,23 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def gpu(session: nox.Session) -> None:
+    """The prepared GPU run (issue 22): needs CUDA; under 9 minutes on one H100/H200.
+
+    Runs ``benchmarks/gpu/run_gpu.py``: versions and ``nvidia-smi``, the ``gpu``-marked tests of
+    vl-moe, vl-rope, vl-vision and vl-model, the MoE four-gradient check at 4K tokens, the MoE
+    timing grid (``do_bench`` with CUDA-graph replay, weights rotated over 4 layers) against
+    transformers' eager and grouped_mm experts and the roofline, a per-kernel profile at 16K
+    tokens, the vision tower and a 2B-sized VLM against transformers; writes ``RESULTS-gpu.md``
+    (a fragment for benchmarks/RESULTS.md), ``gpu-results.json`` and ``pytest-gpu.log`` to
+    ``$OUT`` (else ``benchmarks/gpu/out``). Where the interpreter already has CUDA torch, Triton and
+    transformers (a lent GPU machine without nox), run ``python3 benchmarks/gpu/run_gpu.py`` directly.
+    """
+    _install(session, *_editable("test", "triton"), "transformers", "pytest")
+    session.run("python", "benchmarks/gpu/run_gpu.py", *session.posargs)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job (issue 8): a tiny Qwen3-VL-class model through V0 -> S0 -> S1 -> SFT -> RL, evaluated after each stage.
 
