@@ -147,3 +147,81 @@ def test_bad_arguments(processor: Any) -> None:
         SampleRenderer(processor, policy="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_length"):
         SampleRenderer(processor, max_length=0)
+
+
+def _strip_markers(template: str) -> str:
+    import re
+
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+@pytest.mark.parametrize("thinking", [None, False, True])
+def test_templates_without_generation_markers_label_turn_by_turn(processor: Any, thinking: bool | None) -> None:
+    # our template with its {% generation %} markers removed must give exactly the same labels
+    from vl_model import VLProcessor
+    from vl_model.processing import has_generation_markers
+
+    plain = VLProcessor(
+        processor.image_processor,
+        processor.video_processor,
+        processor.tokenizer,
+        _strip_markers(processor.chat_template),
+    )
+    assert has_generation_markers(processor.chat_template) and not has_generation_markers(plain.chat_template)
+    conversation = {
+        "id": "two-turns",
+        "messages": [
+            {"role": "system", "content": "you are a helpful assistant"},
+            {"role": "user", "content": [{"type": "image", "image": image(16, 16)}, {"type": "text", "text": "what"}]},
+            {"role": "assistant", "content": "a cat"},
+            {"role": "user", "content": "and"},
+            {"role": "assistant", "content": "a red square"},
+        ],
+        "reasoning": "it is red",
+    }
+    for sample in (conversation, image_sample(answer="no"), text_sample(answer="yes")):
+        want = SampleRenderer(processor, thinking=thinking)(sample)
+        got = SampleRenderer(plain, thinking=thinking)(sample)
+        assert want is not None and got is not None and want.num_labels > 0
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels), sample["id"]
+
+
+def test_an_official_style_template_labels_the_answers(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vl_model"))
+    from _official import INSTRUCT_TEMPLATE, make_tokenizer
+
+    from vl_model import VLProcessor
+
+    base = make_processor()
+    official = VLProcessor(base.image_processor, base.video_processor, make_tokenizer(), INSTRUCT_TEMPLATE)
+    sample = {
+        "id": "o",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image(16, 16)}, {"type": "text", "text": "what is it"}],
+            },
+            {"role": "assistant", "content": "a cat"},
+            {"role": "user", "content": "and the colour"},
+            {"role": "assistant", "content": "grey"},
+        ],
+    }
+    out = SampleRenderer(official)(sample)
+    assert out is not None
+    text = official.tokenizer.decode(out.input_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert supervised_text(official.tokenizer, out.input_ids, out.labels) == "a cat<|im_end|>grey<|im_end|>"
+
+
+def test_a_sample_without_labelled_tokens_is_dropped_and_counted(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a template that marks nothing as the assistant's (e.g. markers around an empty block) leaves no label
+    monkeypatch.setattr(type(processor), "render_conversation", lambda self, turns: (self._render(turns)[0], []))
+    stats = DataStats()
+    assert SampleRenderer(processor, policy="skip", stats=stats)(text_sample(answer="yes")) is None
+    assert stats["dropped_no_labels"] == 1
+    with pytest.raises(DataError, match="no assistant token to learn"):
+        SampleRenderer(processor)(text_sample(answer="yes"))

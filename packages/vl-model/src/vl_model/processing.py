@@ -37,10 +37,10 @@ from transformers.processing_utils import ProcessorMixin
 from vl_vision.processing import ImageProcessor, VideoProcessor
 
 from ._processor_files import IMAGE_FILE, VIDEO_FILE, media_kwargs, official_files
-from ._prompts import PromptEncoding, split_media
+from ._prompts import PromptEncoding, has_generation_markers, split_media
 from .chat_template import CHAT_TEMPLATE
 
-__all__ = ["VLProcessor", "split_media"]
+__all__ = ["VLProcessor", "has_generation_markers", "split_media"]
 
 PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

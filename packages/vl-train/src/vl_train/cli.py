@@ -118,4 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     save_model(model, processor, output_dir / "model")
     _report(output_dir, result)
+    examples = getattr(getattr(batches, "stats", None), "report", lambda: "")()
+    lost = {k: v for k, v in result.data_stats.items() if k not in ("seen", "rendered")}
+    if lost:
+        print(f"vl-train: samples not trained as given: {lost} (also in metrics.jsonl as data/*):\n{examples}")
     return 0

@@ -77,6 +77,8 @@ class TrainResult:
         eval_loss: Mean per-token loss on the evaluation batches at the end (``None`` without them).
         plot: The run's PNG (``None`` when not written).
         records: The metrics record of every step.
+        data_stats: Counts of what the data pipeline rendered, skipped, dropped and truncated (empty when the
+            batches do not count).
     """
 
     steps: int
@@ -88,6 +90,7 @@ class TrainResult:
     eval_loss: float | None = None
     plot: Path | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    data_stats: dict[str, int] = field(default_factory=dict)
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:

@@ -105,8 +105,14 @@ class Trainer(TrainingLoop):
         load(state)
         self._batches = iterate(self.data)
 
+    def data_counts(self) -> dict[str, int]:
+        """What the data pipeline rendered, skipped, dropped and truncated so far (empty when it does not count)."""
+        stats = getattr(self.data, "stats", None)
+        return {str(k): int(v) for k, v in sorted(stats.counts.items())} if stats is not None else {}
+
     def finish(self, result: TrainResult) -> TrainResult:
-        """Adds the evaluation loss on ``eval_batches``."""
+        """Adds the data counts and the evaluation loss on ``eval_batches``."""
+        result.data_stats = self.data_counts()
         if self.eval_batches is not None:
             result.eval_loss = self.evaluate()
         return result
@@ -139,6 +145,14 @@ class Trainer(TrainingLoop):
         z = global_loss_normalizer(
             [loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) for t, b in zip(targets, micro, strict=True)]
         )
+        if not float(z) > 0:  # a loss of 0 would look like success: no token of the global batch is labelled
+            ids = [i for b in micro for row in b.get("sample_ids", []) for i in row]
+            named = f"samples {ids}" if ids else "its samples (batches without sample_ids)"
+            raise ValueError(
+                f"step {self.step + 1}: no labelled token in the global batch ({named}): every label is -100, so "
+                "there is nothing to learn; check that the assistant turns hold answers and that the chat template "
+                "marks them (vl_model.VLProcessor.render_conversation)"
+            )
         counted = self.loss.global_balance and len(micro) > 1
         if counted:  # global-batch MoE balance: every micro-batch's routing is counted before any loss
             self.loss.count_routing(micro)
@@ -185,6 +199,7 @@ class Trainer(TrainingLoop):
         }
         if self.loss.uses_moe:
             record["moe_aux_loss"] = float(aux_total)
+        record.update({f"data/{event}": count for event, count in self.data_counts().items()})
         return record
 
     @torch.no_grad()

@@ -25,10 +25,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from vl_model.processing import split_media
 
@@ -166,6 +165,10 @@ class SampleRenderer:
         except DataError as exc:
             self._bad("skipped_bad_media", exc)
             return None
+        if out.num_labels == 0:  # e.g. a prompt without an answer: nothing to learn
+            reason = "has no assistant token to learn from (an empty or missing assistant turn)"
+            self._bad("dropped_no_labels", DataError(reason, sample_id=out.sample_id, location=sample_location(sample)))
+            return None
         if self.max_length is not None and len(out) > self.max_length:
             return self._overlong(out, sample)
         self.stats.add("rendered")
@@ -187,16 +190,10 @@ class SampleRenderer:
         messages, images, videos, rates = self._prepare(sample)
         think = self.thinking if self.thinking is not None else bool(sample.get("reasoning"))
         self._set_reasoning(messages, sample.get("reasoning"), think)
-        tokenizer = self.processor.tokenizer
-        # typed as str in transformers, but returns (prompts, generation spans) with the assistant mask
-        rendered, spans = cast(Any, render_jinja_template)(
-            conversations=[messages],
-            chat_template=self.processor.chat_template,
-            return_assistant_tokens_mask=True,
-            **tokenizer.special_tokens_map,
-        )
-        text: str = rendered[0]
-        char_spans: list[list[int]] = [[int(a), int(b)] for a, b in spans[0]]
+        try:
+            text, char_spans = self.processor.render_conversation(messages)
+        except ValueError as exc:  # a template whose assistant turns cannot be located in this sample
+            raise DataError(str(exc), sample_id=sample.get("id"), location=sample_location(sample)) from exc
         if not think:  # the empty reasoning block is part of the prompt, not of what the model learns
             for span in char_spans:
                 if text.startswith(EMPTY_THINK, span[0]):
