@@ -120,11 +120,11 @@ class PackedStream(Iterator[dict[str, torch.Tensor]]):
             for row in rows:
                 layout.append(list(range(at, at + len(row))))
                 at += len(row)
-            out: dict[str, Any] = pack_rows(samples, layout, self.max_length, pad_token_id=self.pad_token_id)
+            batch: dict[str, Any] = pack_rows(samples, layout, self.max_length, pad_token_id=self.pad_token_id)
         else:
-            out = collate([s for row in rows for _, s in row], pad_token_id=self.pad_token_id)
-        out["sample_ids"] = [[s.sample_id for _, s in row] for row in rows]  # for error messages, not the model
-        return out
+            batch = collate([s for row in rows for _, s in row], pad_token_id=self.pad_token_id)
+        batch["sample_ids"] = [[s.sample_id for _, s in row] for row in rows]  # for error messages, not the model
+        return batch
 
     @property
     def stats(self) -> Any:
