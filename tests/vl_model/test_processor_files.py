@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _official import INSTRUCT_TEMPLATE, QWEN_SPECIAL, make_official_checkpoint
 
 from vl_model import VLProcessor
+from vl_model.testing import INSTRUCT_TEMPLATE, QWEN_SPECIAL, make_official_checkpoint
 from vl_vision.processing import ImageProcessor, VideoProcessor
 
 HERE = Path(__file__).parent

@@ -187,12 +187,8 @@ def test_templates_without_generation_markers_label_turn_by_turn(processor: Any,
 
 
 def test_an_official_style_template_labels_the_answers(tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vl_model"))
-    from _official import INSTRUCT_TEMPLATE, make_tokenizer
-
     from vl_model import VLProcessor
+    from vl_model.testing import INSTRUCT_TEMPLATE, make_tokenizer
 
     base = make_processor()
     official = VLProcessor(base.image_processor, base.video_processor, make_tokenizer(), INSTRUCT_TEMPLATE)

@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from .data.stream import PackedStream
 
 __all__ = [
+    "OFFICIAL_LAYOUTS",
     "build_data",
     "build_mixture",
     "build_model",
     "build_processor",
     "check_processor",
+    "checkpoint_layout",
     "load_model",
     "save_model",
     "weights_folder",
@@ -288,9 +290,36 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
     )
 
 
-def save_model(model: Any, processor: Any, folder: str | Path) -> Path:
-    """Save ``model`` and its ``processor`` into ``folder`` (the next stage's ``init_from``); returns the folder."""
+OFFICIAL_LAYOUTS = ("qwen3_vl", "qwen3_vl_moe")
+"""Checkpoint layouts that runs starting from them are saved back in (plain transformers and vLLM load them)."""
+
+
+def checkpoint_layout(section: Mapping[str, Any]) -> str:
+    """The ``model_type`` of ``[model] init_from`` (``qwen3_vl``, ``qwen3_vl_moe``, ``vl``, ``vl_composed``); ``vl``
+    for a fresh model."""
+    source = section.get("init_from")
+    if not source:
+        return "vl"
+    folder = weights_folder(str(source))
+    return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "vl"))
+
+
+def save_model(model: Any, processor: Any, folder: str | Path, layout: str = "vl") -> Path:
+    """Save ``model`` and its ``processor`` into ``folder`` (the next stage's ``init_from``); returns the folder.
+
+    Args:
+        model: The trained model.
+        processor: Its processor (saved in the official Qwen3-VL files, which plain transformers reads).
+        folder: Where to write.
+        layout: ``qwen3_vl`` / ``qwen3_vl_moe`` write the official checkpoint layout (``export_qwen3_vl``), so
+            a run that started from an official checkpoint ends in one; anything else ``save_pretrained``.
+    """
     out = Path(folder)
-    model.save_pretrained(str(out))
+    if layout in OFFICIAL_LAYOUTS:
+        from vl_model import export_qwen3_vl
+
+        export_qwen3_vl(model, out)
+    else:
+        model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
     return out

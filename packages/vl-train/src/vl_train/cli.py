@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .builders import save_model
+from .builders import checkpoint_layout, save_model
 from .recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
 
 __all__ = ["main"]
@@ -116,10 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    save_model(model, processor, output_dir / "model")
+    save_model(model, processor, output_dir / "model", checkpoint_layout(recipe.get("model", {})))
     _report(output_dir, result)
     examples = getattr(getattr(batches, "stats", None), "report", lambda: "")()
     lost = {k: v for k, v in result.data_stats.items() if k not in ("seen", "rendered")}
     if lost:
-        print(f"vl-train: samples not trained as given: {lost} (also in metrics.jsonl as data/*):\n{examples}")
+        print(
+            f"vl-train: samples not trained as given, counted per draw (the data cycles): {lost} "
+            f"(also in metrics.jsonl as data/*):\n{examples}"
+        )
     return 0

@@ -1,4 +1,7 @@
-"""A tiny checkpoint folder in the official Qwen3-VL layout, made the way a Hub download looks.
+"""For tests and examples only: a tiny checkpoint folder in the official Qwen3-VL layout, as a Hub download has it.
+
+Tests, tutorials and examples need an "official" checkpoint without downloading gigabytes;
+:func:`make_official_checkpoint` writes one that has every file and id a real one has:
 
 - ``config.json`` + ``model.safetensors`` written by transformers' own ``Qwen3VL(Moe)ForConditionalGeneration``
   (Qwen's vocabulary size, 151936, and its special-token ids: ``<|image_pad|>`` = 151655, ...);
@@ -12,6 +15,15 @@ Only the layout is Qwen's; the weights are random and tiny.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "INSTRUCT_TEMPLATE",
+    "QWEN_SPECIAL",
+    "VOCAB_SIZE",
+    "make_official_checkpoint",
+    "make_tokenizer",
+    "official_config",
+]
 
 import json
 import string
@@ -60,7 +72,8 @@ INSTRUCT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-"""A ChatML template shaped like Qwen3-VL-Instruct's (written here): assistant turns carry no generation markers."""
+"""A ChatML template shaped like Qwen3-VL-Instruct's (written for these tests): assistant turns carry no
+generation markers."""
 
 _WORD_TEXT = (
     "what how many is are the a an in this image picture photo video of there do you see describe colour color "
