@@ -171,7 +171,9 @@ def tests(session: nox.Session) -> None:
 def isolated(session: nox.Session, package: str) -> None:
     """One package installed from its wheel with only its declared dependencies, then its own tests.
 
-    Proves the package stands alone: no transformers (unless declared), no source tree on
+    Installs exactly as the docs tell users to (``pip install --find-links dist vl-model``: by name from a
+    folder of the suite's wheels, the siblings found there too), and checks that the local version is what
+    got installed. Proves the package stands alone: no transformers (unless declared), no source tree on
     ``sys.path`` (``--import-mode=importlib``, src layout, no ``tests/__init__.py``).
     """
     pkg = PACKAGES[package]
@@ -186,13 +188,8 @@ def isolated(session: nox.Session, package: str) -> None:
             *build_constraint, str(dep.path),
         )  # fmt: skip
 
-    def wheel_of(p: Package) -> str:
-        (found,) = wheels.glob(f"{p.module}-*.whl")
-        return str(found)
-
-    # Explicit wheel files, so a same-named project on an index can never win.
-    targets = [f"{wheel_of(p)}[test]" if p is pkg else wheel_of(p) for p in needed]
-    session.install(*targets, "--find-links", str(wheels), "-c", str(CONSTRAINTS))
+    # The documented command; pinning the local version means a same-named project on an index can never win.
+    session.install("--find-links", str(wheels), f"{pkg.name}[test]=={pkg.version()}", "-c", str(CONSTRAINTS))
 
     declared = {canonicalize_name(r.name) for p in needed for r in p.requirements(*(("test",) if p is pkg else ()))}
     absent = [m for m in ("transformers",) if m not in declared]
@@ -200,6 +197,7 @@ def isolated(session: nox.Session, package: str) -> None:
         "import importlib.util, sys\n"
         f"import {pkg.module}\n"
         f"assert 'site-packages' in {pkg.module}.__file__, {pkg.module}.__file__\n"
+        f"assert {pkg.module}.__version__ == {pkg.version()!r}, {pkg.module}.__version__\n"
         "assert not [p for p in sys.path if 'packages' in p and p.endswith('src')], sys.path\n"
         f"for name in {absent!r}:\n"
         "    assert importlib.util.find_spec(name) is None, f'{name} is installed but not declared'\n"
