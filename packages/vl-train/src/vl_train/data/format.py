@@ -75,8 +75,13 @@ ROLES = ("system", "user", "assistant")
 BadInputPolicy = Literal["fail", "skip"]
 """What to do with a sample whose media is missing or corrupt: raise, or skip it and count."""
 
-_SHORT = reprlib.Repr()  # bounded reprs for error messages: a huge or deeply nested value stays short
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_REPR = reprlib.Repr()  # bounded reprs for error messages: a huge or deeply nested value stays short
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 3, 4, 40, 40
+
+
+def _short(value: Any) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class DataError(ValueError):
@@ -85,7 +90,7 @@ class DataError(ValueError):
     def __init__(self, message: str, *, sample_id: str | None = None, location: str | None = None) -> None:
         message = " ".join(message.splitlines())  # one line per error, whatever a decoder said
         where = f" at {location}" if location else ""
-        super().__init__(f"sample {sample_id!r}{where}: {message}")
+        super().__init__(f"sample {_short(sample_id)}{where}: {message}")
         self.sample_id = sample_id
         self.location = location
         self.reason = message
@@ -184,7 +189,7 @@ def validate_sample(sample: Any) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             role = message.get("role") if isinstance(message, dict) else message
-            raise _fail(sample, f"message {i} has role {role!r}; expected one of {ROLES}")
+            raise _fail(sample, f"message {i} has role {_short(role)}; expected one of {ROLES}")
         content = message.get("content")
         if isinstance(content, str):
             continue
@@ -193,9 +198,7 @@ def validate_sample(sample: Any) -> dict[str, Any]:
         for j, item in enumerate(content):
             kind = item.get("type") if isinstance(item, dict) else None
             if kind not in ("text", "image", "video") or kind not in item:
-                raise _fail(
-                    sample, f"message {i} item {j} must be a text, image or video item, got {_SHORT.repr(item)}"
-                )
+                raise _fail(sample, f"message {i} item {j} must be a text, image or video item, got {_short(item)}")
             if kind == "text" and not isinstance(item["text"], str):
                 raise _fail(sample, f"message {i} item {j}: 'text' must be a string")
             if kind != "text" and message["role"] != "user":
@@ -203,7 +206,7 @@ def validate_sample(sample: Any) -> dict[str, Any]:
             if kind == "video" and item.get("fps") is not None and not _positive_number(item["fps"]):
                 raise _fail(
                     sample,
-                    f"message {i} item {j}: 'fps' must be a positive finite number, got {_SHORT.repr(item['fps'])}",
+                    f"message {i} item {j}: 'fps' must be a positive finite number, got {_short(item['fps'])}",
                 )
     if not any(m["role"] == "assistant" for m in messages):
         raise _fail(sample, "no assistant message: nothing to train on")

@@ -53,7 +53,7 @@ def sample_frame_indices(
     With ``fps``: ``n = int(total_frames / video_fps * fps)`` clamped to ``[min_frames, max_frames]``
     and then to ``total_frames``. With ``num_frames``: ``n = num_frames`` (at most
     ``total_frames``). The indices are ``round(linspace(0, total_frames - 1, n))`` (round half to
-    even, as numpy does), so the first and last frames are always kept.
+    even, as numpy does), so the first frame, and the last one when ``n >= 2``, are always kept.
 
     Args:
         total_frames: Frames in the source clip.
