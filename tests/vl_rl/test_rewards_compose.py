@@ -244,3 +244,19 @@ def test_concurrent_callers_share_one_worker() -> None:
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda c: safe("", c[0], c[1]), cases))
     assert got == [float(i % 3 == i) for i in range(24)] and safe.calls == 24 and safe.errors == 0
+
+
+def _score_in_daemon(conn: Any) -> None:
+    safe = safe_reward(R.math_reward, timeout_s=5.0)
+    conn.send((safe("", r"\boxed{2}", {"answer": "2"}), safe.errors))
+
+
+def test_safe_reward_inside_a_daemonic_process_falls_back_to_a_thread() -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe()
+    worker = context.Process(target=_score_in_daemon, args=(child,), daemon=True)  # e.g. a data-loader worker
+    worker.start()
+    assert parent.poll(20) and parent.recv() == (1.0, 0)  # daemons may not start the worker process
+    worker.join(5)

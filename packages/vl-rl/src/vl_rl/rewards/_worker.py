@@ -12,9 +12,9 @@ Start method: ``"fork"`` (default on Linux) hands the reward function to the wor
 pickling, so closures and lambdas work; the worker then holds a copy of the parent's memory as of the
 start (copy-on-write) and must not use CUDA if the parent initialised it. ``"spawn"`` /
 ``"forkserver"`` start a clean interpreter and need a picklable (module-level) function; an
-unpicklable one is refused when the runner is built, with the reason. Inside a worker, a nested
-``SafeReward`` runs its calls in threads (daemonic processes may not have children); the outer
-worker's timeout still bounds them.
+unpicklable one is refused when the runner is built, with the reason. Inside a worker (or any
+daemonic process, e.g. a data-loader worker) a ``SafeReward`` runs its calls in threads, because
+daemonic processes may not have children; the enclosing process's time limit still bounds them.
 
 State a reward keeps (caches, counters) lives in the worker: the parent's copy does not change.
 """
@@ -35,7 +35,7 @@ from typing import Any
 from vl_rl.rewards._reasons import collect_reasons
 from vl_rl.rewards._timeout import RewardTimeoutError
 
-__all__ = ["IN_WORKER", "ProcessRunner", "RewardWorkerError", "default_start_method"]
+__all__ = ["IN_WORKER", "ProcessRunner", "RewardWorkerError", "default_start_method", "may_start_processes"]
 
 IN_WORKER = False
 """True inside a worker process (set by the worker loop)."""
@@ -43,6 +43,11 @@ IN_WORKER = False
 
 class RewardWorkerError(RuntimeError):
     """The worker process died during a call, or the call's arguments or result could not cross the pipe."""
+
+
+def may_start_processes() -> bool:
+    """False inside a reward worker or any daemonic process (multiprocessing forbids them children)."""
+    return not IN_WORKER and not multiprocessing.current_process().daemon
 
 
 def default_start_method() -> str:

@@ -197,9 +197,10 @@ class SafeReward:
     def _call(self, args: tuple[Any, ...]) -> tuple[Any, list[str]]:
         if self.timeout_s is None:
             return _with_reasons(self.fn, args)
-        if self._runner is not None and not _worker.IN_WORKER:
+        if self._runner is not None and _worker.may_start_processes():
             return self._runner.call(args, self.timeout_s)
-        # in a thread (also inside another SafeReward's worker, which may not start processes)
+        # in a thread: inside another SafeReward's worker or any daemonic process (which may not
+        # start processes), the enclosing process's own time limit is what stops CPU-bound work
         return call_with_timeout(_with_reasons, (self.fn, args), self.timeout_s)
 
     def __call__(self, prompt: str, response: str, sample: Mapping[str, Any]) -> float:
