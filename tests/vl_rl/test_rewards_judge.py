@@ -27,6 +27,8 @@ def test_parse_judge_score() -> None:
     assert parse_judge_score("score=3/5") == 0.6
     assert parse_judge_score("Correct.\n\n**Score: 9**\n") == 0.9
     assert parse_judge_score('Fine.\n{"score": 6}') == 0.6
+    assert parse_judge_score("Close enough.\n**Final score:** 8/10.") == 0.8
+    assert parse_judge_score("Score: 7 or 8") is None
     assert parse_judge_score("Score: 15") == 1.0
     assert parse_judge_score("Score: -3") == 0.0
     assert parse_judge_score("great answer") is None

@@ -26,6 +26,7 @@ import pickle
 import signal
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -147,7 +148,13 @@ class ProcessRunner:
         process = self._context.Process(
             target=_serve, args=(self.fn, child), name=f"vl-rl-reward-{self.name}", daemon=True
         )
-        process.start()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork() in a multi-threaded process (torch's pools, tokenizers):
+            # the child only runs the reward, with torch's thread pool reset to one thread.
+            warnings.filterwarnings(
+                "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
+            )
+            process.start()
         child.close()
         self._process, self._conn = process, parent
         self._finalizer = weakref.finalize(self, _stop, process, parent)

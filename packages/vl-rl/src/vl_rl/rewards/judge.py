@@ -7,7 +7,7 @@ section 5). ``JudgeReward`` fills ``prompt_template`` with ``{prompt}``, ``{resp
 Verdict contract (injection resistance): the candidate's response is untrusted text inside the
 judge's prompt, and the judge may quote it. :func:`parse_judge_score` therefore takes the verdict
 only from the judge's *last* non-empty line, which must be exactly ``Score: N`` or ``Score: N/M``
-(markdown emphasis and a final period allowed) or a JSON object ``{"score": N}``; any other
+(markdown emphasis, a leading "Final" / "Overall" / "Total" and a final period allowed) or a JSON object ``{"score": N}``; any other
 score-like mention (``score: N`` anywhere) with a different value makes the reply ambiguous, and
 ambiguous or missing verdicts give ``None`` (reward 0, counted in ``stats["parse_errors"]``).
 Before parsing, ``JudgeReward`` drops the judge's lines that quote the candidate: markdown quotes
@@ -47,7 +47,10 @@ DEFAULT_JUDGE_TEMPLATE = (
 )
 _NUMBER = r"(-?\d{1,9}(?:\.\d{1,9})?)"
 _MENTION = re.compile(rf"\bscore\b\W{{0,3}}[:=]\s*{_NUMBER}(?:\s*/\s*{_NUMBER})?", re.IGNORECASE)
-_FINAL = re.compile(rf"[*_`\s]*score[*_`\s]*[:=][*_`\s]*{_NUMBER}(?:\s*/\s*{_NUMBER})?[*_`\s]*\.?", re.IGNORECASE)
+_FINAL = re.compile(
+    rf"[*_`\s]*(?:(?:final|overall|total)\s+)?score[*_`\s]*[:=][*_`\s]*{_NUMBER}(?:\s*/\s*{_NUMBER})?[*_`\s]*\.?",
+    re.IGNORECASE,
+)
 _MAX_JSON_LINE = 200
 
 

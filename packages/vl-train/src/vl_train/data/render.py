@@ -17,15 +17,11 @@ skipped and counted (``policy="skip"``); a sample longer than ``max_length`` is 
 (``overlong``), and a truncation that would cut through an image's or video's placeholder tokens
 drops the sample instead. Every such event is counted in :class:`~vl_train.data.format.DataStats`.
 
-Huge text is dropped before it is tokenised (``overlong="drop"``): the rendered text's non-whitespace
-characters, after the tokenizer's normaliser, divided by the longest vocabulary entry (in
-characters; a byte-level entry spells at least as many bytes as it covers characters) are a lower
-bound of its token count, so a text whose bound already exceeds ``max_length`` is dropped in
-linear time (a 10 MB field took 40-70 s to tokenise just to be dropped). The bound holds for
-tokenizers whose every token spells one vocabulary entry (byte-level BPE, SentencePiece with byte
-fallback: the Qwen3-VL family); one that maps a whole unknown word to a single ``<unk>`` (WordPiece)
-needs ``early_drop=False``. ``overlong="truncate"`` tokenises the whole text (the kept tokens must
-be exact).
+Huge text is dropped before it is tokenised (``overlong="drop"``): its non-whitespace characters after
+the tokenizer's normaliser, over the longest vocabulary entry, bound its token count from below (a
+10 MB field took 40-70 s to tokenise just to be dropped). The bound holds when every token spells one
+vocabulary entry (byte-level BPE, SentencePiece with byte fallback: the Qwen3-VL family); a tokenizer
+mapping a whole unknown word to one ``<unk>`` needs ``early_drop=False``. ``"truncate"`` tokenises all.
 
 Notation: ``L`` tokens of one sample; ``N`` patches (rows of ``pixel_values``); grid ``(t, h, w)``.
 """
