@@ -255,3 +255,23 @@ def test_data_counts_reach_metrics_and_the_report(tmp_path: Path, capsys) -> Non
     assert last["data/seen"] >= last["data/rendered"] > 0 and last["data/dropped_overlong"] > 0
     assert f"dropped_overlong {last['data/dropped_overlong']}" in printed
     assert "samples not trained as given" in printed and "tokens > max_length 128" in printed
+
+
+def test_bad_jsonl_lines_follow_the_recipe_policy(tmp_path: Path) -> None:
+    from vl_train.data.format import write_jsonl
+    from vl_train.data.synthetic import SyntheticDataset
+
+    data = tmp_path / "data" / "train.jsonl"
+    write_jsonl(list(SyntheticDataset(size=4, tasks=["count"], image_size_range=(48, 64))), data)
+    with data.open("a") as f:
+        f.write("this is not json\n[1, 2]\n")
+    recipe = apply_overrides(load_recipe("demo_s0"), ["data.kind='jsonl'", f"data.path='{data.as_posix()}'"])
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if k in ("kind", "path")}
+    config = resolve_config(recipe, output=str(tmp_path / "out"))
+    _, processor = build_model(recipe["model"])
+    with pytest.raises(ValueError, match=r"train\.jsonl:5"):
+        next(build_data(recipe["data"], processor, config))
+    stream = build_data({**recipe["data"], "policy": "skip"}, processor, config)
+    next(stream)
+    next(stream)
+    assert stream.stats["skipped_bad_line"] + stream.stats["skipped_invalid"] >= 2 and stream.stats["rendered"] >= 4

@@ -221,3 +221,31 @@ def test_a_sample_without_labelled_tokens_is_dropped_and_counted(
     assert stats["dropped_no_labels"] == 1
     with pytest.raises(DataError, match="no assistant token to learn"):
         SampleRenderer(processor)(text_sample(answer="yes"))
+
+
+def test_huge_text_is_dropped_before_tokenising(processor: Any) -> None:
+    import time
+
+    huge = text_sample("huge", answer="yes " * 500_000)  # 2 MB: seconds to tokenise
+    stats = DataStats()
+    renderer = SampleRenderer(processor, max_length=256, stats=stats)
+    start = time.perf_counter()
+    assert renderer(huge) is None
+    assert time.perf_counter() - start < 1.0
+    assert stats["dropped_overlong"] == 1 and "dropped before tokenising" in stats.report()
+    one_word = text_sample("word", answer="x" * 2_000_000)
+    start = time.perf_counter()
+    assert renderer(one_word) is None and time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("words", [1, 20, 40, 60, 100, 200])
+def test_early_drop_agrees_with_tokenising(processor: Any, words: int) -> None:
+    # the character bound may only drop what tokenising would drop too
+    sample = text_sample("s", answer=" ".join(["describe"] * words))
+    full = SampleRenderer(processor)(sample)
+    assert full is not None
+    for max_length in (16, len(full) - 1, len(full)):
+        early, late = DataStats(), DataStats()
+        a = SampleRenderer(processor, max_length=max_length, stats=early)(sample)
+        b = SampleRenderer(processor, max_length=max_length, stats=late, early_drop=False)(sample)
+        assert (a is None) == (b is None) == (len(full) > max_length)

@@ -231,7 +231,7 @@ def build_model(section: Mapping[str, Any]) -> tuple[Any, Any]:
     return model, processor
 
 
-def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
+def _source(spec: Mapping[str, Any], default_seed: int, policy: str = "fail", stats: Any = None) -> Any:
     kind = spec.get("kind", "synthetic")
     if kind == "synthetic":
         from .data.synthetic import SyntheticDataset
@@ -246,19 +246,24 @@ def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
 
         if "path" not in spec:
             raise ValueError("a jsonl data source needs a path")
-        return JsonlDataset(spec["path"])
+        return JsonlDataset(spec["path"], policy=policy, stats=stats)  # type: ignore[arg-type]
     raise ValueError(f"unknown data source kind {kind!r}; kinds are ['synthetic', 'jsonl']")
 
 
-def build_mixture(data_section: Mapping[str, Any], config: TrainConfig) -> MixtureSampler:
-    """The ``[data]`` section's samples: one source or a mixture of ``[data.sources.NAME]`` by ratio (endless)."""
+def build_mixture(data_section: Mapping[str, Any], config: TrainConfig, stats: Any = None) -> MixtureSampler:
+    """The ``[data]`` section's samples: one source or a mixture of ``[data.sources.NAME]`` by ratio (endless).
+
+    Malformed JSONL lines follow ``[data] policy`` (``"skip"``: counted in ``stats`` as ``skipped_bad_line`` /
+    ``skipped_invalid``).
+    """
     from .data.mixture import MixtureSampler
 
     seed = int(data_section.get("seed", config.seed))
+    policy = str(data_section.get("policy", "fail"))
     specs = dict(data_section.get("sources", {})) or {
         "data": {k: v for k, v in data_section.items() if k in SOURCE_KEYS}
     }
-    sources = {name: _source(spec, seed) for name, spec in specs.items()}
+    sources = {name: _source(spec, seed, policy, stats) for name, spec in specs.items()}
     ratios = {name: float(spec.get("ratio", 1.0)) for name, spec in specs.items()}
     return MixtureSampler(sources, ratios, seed=seed, shuffle_buffer=int(data_section.get("shuffle_buffer", 1000)))
 
@@ -268,10 +273,12 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
 
     Its ``state_dict()`` goes into the trainer's checkpoints, so a resumed run continues the data exactly.
     """
+    from .data.format import DataStats
     from .data.render import SampleRenderer
     from .data.stream import PackedStream
 
-    mixture = build_mixture(data_section, config)
+    stats = DataStats()  # one count for the reader's bad lines and the renderer's bad samples
+    mixture = build_mixture(data_section, config, stats)
     thinking = {"auto": None, "on": True, "off": False}[config.thinking]
     renderer = SampleRenderer(
         processor,
@@ -279,6 +286,7 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
         overlong=data_section.get("overlong", "drop"),
         policy=data_section.get("policy", "fail"),
         thinking=thinking,
+        stats=stats,
     )
     return PackedStream(
         mixture,
