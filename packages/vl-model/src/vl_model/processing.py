@@ -194,6 +194,8 @@ class VLProcessor(ProcessorMixin, PromptEncoding):
         kwargs.pop("return_metadata", None)
         if images is None and videos is None and text is None:
             raise ValueError("VLProcessor needs text, images or videos")
+        if isinstance(text, list | tuple) and not text:
+            raise ValueError("VLProcessor got text=[]: an empty batch; give at least one text (or text=None)")
 
         data: dict[str, Any] = {}
         image_grids: list[list[int]] = []
