@@ -53,6 +53,7 @@ import PIL.Image
 from vl_vision.processing import open_image
 
 from ._jsonl import MAX_DEPTH, LineError, parse_line, resolve_media, write_jsonl
+from .llava import from_llava, is_llava, marker_problem
 
 __all__ = [
     "MAX_DEPTH",
@@ -210,6 +211,9 @@ def validate_sample(sample: Any) -> dict[str, Any]:
                 )
     if not any(m["role"] == "assistant" for m in messages):
         raise _fail(sample, "no assistant message: nothing to train on")
+    marker = marker_problem(sample)
+    if marker is not None:
+        raise _fail(sample, marker)
     return sample
 
 
@@ -299,6 +303,11 @@ class JsonlDataset:
         try:
             sample = parse_line(raw, first=number == 1)
             if sample is not None:
+                if is_llava(sample):
+                    try:
+                        sample = from_llava(sample)
+                    except ValueError as exc:
+                        raise LineError(f"LLaVA-style sample: {exc}") from None
                 sample["_source"] = location
                 resolve_media(sample, self.path.parent)
         except LineError as exc:
@@ -358,6 +367,6 @@ class HFDataset:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for index, row in enumerate(self.dataset):
-            sample = dict(row)
+            sample = from_llava(row) if is_llava(row) else dict(row)
             sample["_source"] = f"hf:{self.name}[{index}]"
             yield validate_sample(sample) if self.validate else sample
