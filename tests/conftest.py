@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,10 @@ import torch
 # test module (conftest.py is imported first). setdefault: an explicit TRITON_INTERPRET=0 wins.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Helpers shared by several packages' tests (e.g. the per-call time budget of the property tests); this
+# conftest is loaded for every test folder, the isolated per-package runs included.
+sys.path.insert(0, str(Path(__file__).parent / "_shared"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

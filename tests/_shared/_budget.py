@@ -1,7 +1,7 @@
 """Per-call time budget and the deterministic Hypothesis settings of the property tests.
 
-Each test folder has its own copy (the packages' test suites run alone in the ``isolated`` nox
-sessions, so one folder cannot import another's helpers).
+Shared by the test folders of several packages: ``tests/conftest.py`` (loaded for every folder, the
+isolated per-package runs included) puts ``tests/_shared`` on ``sys.path``.
 
 ``within_budget(fn, *args)`` calls ``fn`` and fails the test when that single call takes longer
 than ``BUDGET_S``; a Python-level hang is interrupted (``SIGALRM``) after ``2 * BUDGET_S`` so that
