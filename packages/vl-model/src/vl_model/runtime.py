@@ -12,7 +12,11 @@ Training code never reaches into either layout; it asks the model, through :clas
 - ``part_modules(part)``: what each of ``PARTS`` holds, for freezing and per-part learning rates;
 - ``moe_routing()``: experts, experts per token and the balance-loss coefficient, or ``None``.
 
-``isinstance(model, TrainableVLM)`` checks the methods are there (a structural check).
+``isinstance(model, TrainableVLM)`` checks the methods are there (a structural check). Both classes also
+have ``uniform_vision_pass`` (default False; ``vl_train.parallel.parallelize`` turns it on): every fresh
+forward then runs the vision tower exactly once, images and videos together, or a zero-weighted
+placeholder image when the batch has no pixels, so that the ranks of a sharded tower run the same
+collectives (``vl_model._vision_pass``).
 
 Notation: ``B`` batch, ``L`` sequence, ``H`` hidden size, ``V`` vocabulary, ``E`` experts.
 """

@@ -24,6 +24,11 @@ forward of the root (``torch.distributed.fsdp.register_fsdp_forward_method``), s
 parameters are gathered for it and their gradients reduce-scattered in backward. Without FSDP it just
 calls the function.
 
+Mixed modalities: every tower block's forward and backward is a collective, so ranks must run the
+tower equally often whatever their micro-batches hold (text only, images, videos, both). ``parallelize``
+turns on the model's ``uniform_vision_pass``: images and videos are encoded in one tower pass, and a
+forward without pixels runs a zero-weighted placeholder image (the loss and gradients are unchanged).
+
 FSDP2 averages gradients over ranks: with a global loss normaliser (``vl_train.losses``) multiply each
 rank's loss by :func:`world_size` before ``backward``.
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -57,6 +63,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _MERGER_NAMES = ("merger", "deepstack_merger_list")
 _ROOT_CALL = "_vl_train_root_call"
@@ -255,6 +263,7 @@ def parallelize(
     units = shard_units(model)
     if mesh is None:
         mesh = _default_mesh()
+    _uniform_vision_pass(model)
     if activation_checkpointing:
         checkpoint_blocks(model)
     policy = mixed_precision if mixed_precision is not None else MixedPrecisionPolicy()
@@ -266,6 +275,24 @@ def parallelize(
     setattr(model, _ROOT_CALL, _call)
     register_fsdp_forward_method(model, _ROOT_CALL)
     return model
+
+
+def _uniform_vision_pass(model: nn.Module) -> None:
+    """Make every fresh forward run the sharded tower once, whatever modalities the rank's batch holds.
+
+    Each tower block is an FSDP unit: its forward and backward are collectives, so ranks holding
+    text-only, image and video micro-batches must still run the tower the same number of times. The
+    models of vl_model then encode images and videos in one pass and, without pixels, a zero-weighted
+    placeholder image (``uniform_vision_pass``; the loss and gradients are those without it).
+    """
+    if hasattr(model, "uniform_vision_pass"):
+        model.uniform_vision_pass = True  # type: ignore[assignment]
+    else:
+        log.warning(
+            "%s has no uniform_vision_pass switch: every rank's batches must hold the same visual modalities "
+            "in every micro-step, or the sharded tower's collectives will not match (a hang on NCCL)",
+            type(model).__name__,
+        )
 
 
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
