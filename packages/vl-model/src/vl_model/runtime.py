@@ -23,13 +23,14 @@ Notation: ``B`` batch, ``L`` sequence, ``H`` hidden size, ``V`` vocabulary, ``E`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["PARTS", "HiddenStates", "MoERouting", "TrainableVLM", "segment_positions"]
+__all__ = ["PARTS", "HiddenStates", "MoERouting", "SequenceParallel", "TrainableVLM", "segment_positions"]
 
 PARTS = ("vision", "merger", "deepstack", "llm")
 """The parts of a VLM: tower (``vision``), merge head (``merger``), DeepStack mergers, language model."""
@@ -105,6 +106,26 @@ class TrainableVLM(Protocol):
 
     def moe_routing(self) -> MoERouting | None:
         """The MoE routing of the language model, ``None`` for a dense one."""
+        ...
+
+
+@runtime_checkable
+class SequenceParallel(Protocol):
+    """How a decoder runs one row's sequence sharded over the ranks of a group (context parallelism).
+
+    The model computes everything that needs the whole row first (embeddings, visual scatter, MRoPE
+    positions with their per-sample resets, the packed attention mask), then keeps its own contiguous
+    part ``[start, stop)`` of the sequence for the decoder layers, and runs attention through
+    :meth:`attention`, which sees the whole sequence (``vl_train.context_parallel`` implements it with
+    Ulysses all-to-alls over heads). The last hidden states are this part's.
+    """
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's part of a sequence of ``length`` positions."""
+        ...
+
+    def attention(self, attend: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a transformers attention function (``attend(module, q, k, v, mask, **kw)``) for local parts."""
         ...
 
 
@@ -213,3 +234,13 @@ class CoreRuntime:
     def moe_routing(self) -> MoERouting | None:
         """See :meth:`TrainableVLM.moe_routing`."""
         return moe_routing_of(self.config.text_config)
+
+    def set_sequence_parallel(self, sequence_parallel: SequenceParallel | None) -> None:
+        """Run the decoder on this rank's part of every sequence (``None``: the whole sequence again).
+
+        ``forward_hidden`` then returns ``[B, stop - start, H]``, the part ``sequence_parallel.bounds(L)``.
+        """
+        text = self.model.language_model
+        text.sequence_parallel = sequence_parallel
+        for layer in text.layers:
+            layer.self_attn.sequence_parallel = sequence_parallel

@@ -244,6 +244,11 @@ class TrainConfig(RunConfig):
             (the loss's coefficient is the model config's ``router_aux_loss_coef``; 0 turns it off).
         compile: ``torch.compile`` the model's ``forward_hidden``.
         bf16: bf16 autocast: ``"auto"`` (on CUDA only), ``True`` or ``False``.
+        context_parallel: Ranks each row's sequence is split over (``[train] context_parallel``; 1: none).
+            Must divide the world size; the ranks of one CP group must be given the same batches
+            (:mod:`vl_train.context_parallel`).
+        expert_parallel: Ranks the MoE experts are sharded over (``[train] expert_parallel``; 1: none, else
+            the world size; :func:`vl_moe.shard_experts`).
         distill: The distillation spec (stage ``Distill``), else ``None``.
     """
 
@@ -258,11 +263,20 @@ class TrainConfig(RunConfig):
     global_batch_balance: bool = True
     compile: bool = False
     bf16: bool | Literal["auto"] = "auto"
+    context_parallel: int = 1
+    expert_parallel: int = 1
     distill: DistillSpec | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("micro_batch_size", "grad_accum_steps", "max_length", "loss_chunk_size"):
+        for name in (
+            "micro_batch_size",
+            "grad_accum_steps",
+            "max_length",
+            "loss_chunk_size",
+            "context_parallel",
+            "expert_parallel",
+        ):
             _positive_int("TrainConfig", name, getattr(self, name), 1)
         if self.loss_reduction not in ("sqrt", "token", "sample"):
             raise ValueError(

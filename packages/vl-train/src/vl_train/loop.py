@@ -188,11 +188,19 @@ class TrainingLoop:
 
     def _prepare_model(self) -> None:
         model, cfg = self.model, self.config
+        context_parallel = int(getattr(cfg, "context_parallel", 1))
+        if context_parallel > 1 and not self.distributed:
+            raise ValueError(f"context_parallel = {context_parallel} needs that many ranks: launch with torchrun")
         if self.distributed:
             from torch.distributed.fsdp import FSDPModule
 
             if not isinstance(model, FSDPModule):  # an already sharded model keeps its own setup
-                parallelize(model, activation_checkpointing=cfg.activation_checkpointing)
+                parallelize(
+                    model,
+                    activation_checkpointing=cfg.activation_checkpointing,
+                    context_parallel=context_parallel,
+                    expert_parallel=int(getattr(cfg, "expert_parallel", 1)),
+                )
         elif cfg.activation_checkpointing:
             # Non-reentrant: frozen inputs (S0's frozen embeddings) must not cut the layers' gradients.
             enable: Any = getattr(model, "activation_checkpointing_enable", None)
