@@ -171,7 +171,9 @@ def tests(session: nox.Session) -> None:
 def isolated(session: nox.Session, package: str) -> None:
     """One package installed from its wheel with only its declared dependencies, then its own tests.
 
-    Proves the package stands alone: no transformers (unless declared), no source tree on
+    Installs exactly as the docs tell users to (``pip install --find-links dist vl-model``: by name from a
+    folder of the suite's wheels, the siblings found there too), and checks that the local version is what
+    got installed. Proves the package stands alone: no transformers (unless declared), no source tree on
     ``sys.path`` (``--import-mode=importlib``, src layout, no ``tests/__init__.py``).
     """
     pkg = PACKAGES[package]
@@ -186,13 +188,8 @@ def isolated(session: nox.Session, package: str) -> None:
             *build_constraint, str(dep.path),
         )  # fmt: skip
 
-    def wheel_of(p: Package) -> str:
-        (found,) = wheels.glob(f"{p.module}-*.whl")
-        return str(found)
-
-    # Explicit wheel files, so a same-named project on an index can never win.
-    targets = [f"{wheel_of(p)}[test]" if p is pkg else wheel_of(p) for p in needed]
-    session.install(*targets, "--find-links", str(wheels), "-c", str(CONSTRAINTS))
+    # The documented command; pinning the local version means a same-named project on an index can never win.
+    session.install("--find-links", str(wheels), f"{pkg.name}[test]=={pkg.version()}", "-c", str(CONSTRAINTS))
 
     declared = {canonicalize_name(r.name) for p in needed for r in p.requirements(*(("test",) if p is pkg else ()))}
     absent = [m for m in ("transformers",) if m not in declared]
@@ -200,6 +197,7 @@ def isolated(session: nox.Session, package: str) -> None:
         "import importlib.util, sys\n"
         f"import {pkg.module}\n"
         f"assert 'site-packages' in {pkg.module}.__file__, {pkg.module}.__file__\n"
+        f"assert {pkg.module}.__version__ == {pkg.version()!r}, {pkg.module}.__version__\n"
         "assert not [p for p in sys.path if 'packages' in p and p.endswith('src')], sys.path\n"
         f"for name in {absent!r}:\n"
         "    assert importlib.util.find_spec(name) is None, f'{name} is installed but not declared'\n"
@@ -266,6 +264,23 @@ def bench(session: nox.Session) -> None:
     """Side-by-side benchmarks -> benchmarks/RESULTS.md (e.g. ``nox -s bench -- --quick``)."""
     _install(session, *_editable("triton"), "transformers")
     session.run("python", "benchmarks/run_all.py", *session.posargs)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The prepared GPU run (issue 22): needs CUDA; under 9 minutes on one H100/H200.
+
+    Runs ``benchmarks/gpu/run_gpu.py``: versions and ``nvidia-smi``, the ``gpu``-marked tests of
+    vl-moe, vl-rope, vl-vision and vl-model, the MoE four-gradient check at 4K tokens, the MoE
+    timing grid (``do_bench`` with CUDA-graph replay, weights rotated over 4 layers) against
+    transformers' eager and grouped_mm experts and the roofline, a per-kernel profile at 16K
+    tokens, the vision tower and a 2B-sized VLM against transformers; writes ``RESULTS-gpu.md``
+    (a fragment for benchmarks/RESULTS.md), ``gpu-results.json`` and ``pytest-gpu.log`` to
+    ``$OUT`` (else ``benchmarks/gpu/out``). Where the interpreter already has CUDA torch, Triton and
+    transformers (a lent GPU machine without nox), run ``python3 benchmarks/gpu/run_gpu.py`` directly.
+    """
+    _install(session, *_editable("test", "triton"), "transformers", "pytest")
+    session.run("python", "benchmarks/gpu/run_gpu.py", *session.posargs)
 
 
 @nox.session

@@ -60,6 +60,7 @@ def test_tutorials_exist() -> None:
     names = {p.name for p in TUTORIALS}
     expected = {
         "compose-your-own-vlm.md",
+        "fine-tune-qwen3-vl.md",
         "official-checkpoints.md",
         "training-stages.md",
         "rl-with-sapo.md",

@@ -87,3 +87,20 @@ def test_beyond_context_with_yarn_is_fine() -> None:
 def test_input_ids_and_embeds_exclusive(model) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long), inputs_embeds=torch.zeros(1, 3, 64))
+
+
+def test_nan_pixels_and_an_empty_text_batch_are_named() -> None:
+    from _tok import make_tokenizer
+
+    from vl_model import VLProcessor
+
+    model = VLForConditionalGeneration(VLConfig.from_qwen3_vl({**hf_config_dict(), "model_type": "qwen3_vl"})).eval()
+    inputs = batch(videos=False)
+    inputs["pixel_values"][5, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"pixel_values hold NaN or inf \(first at patch row 5 of"):
+        model(**inputs)
+    with torch.no_grad():
+        inputs["pixel_values"][5, 3] = 0.0
+        assert torch.isfinite(model(**inputs).logits).all()
+    with pytest.raises(ValueError, match=r"text=\[\]: an empty batch"):
+        VLProcessor(tokenizer=make_tokenizer())(text=[])

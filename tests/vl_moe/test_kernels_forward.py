@@ -113,8 +113,12 @@ def test_forward_is_bitwise_deterministic() -> None:
 
 
 def test_pick_config_follows_rows_per_expert() -> None:
-    assert pick_config(8, 128, interpret=False).block_m == 16  # decode
-    assert pick_config(16384 * 8, 128, interpret=False).block_m == 64  # prefill / training
+    assert pick_config(8, 128, interpret=False, train=False).decode  # 1-token inference: the two-launch path
+    assert not pick_config(8, 128, interpret=False, train=True).decode  # gradients need the sorted path
+    assert pick_config(8, 128, interpret=False, train=True).block_m == 16
+    assert pick_config(512 * 8, 128, interpret=False).block_m == 32
+    assert pick_config(1536 * 8, 128, interpret=False).block_m == 64
+    assert pick_config(16384 * 8, 128, interpret=False).block_m == 128  # prefill / training: large tiles
     assert pick_config(10, 4, interpret=True).block_m == 16
     with pytest.raises(ValueError, match=r"block_m must be a power of two >= 16.*got 8"):
         KernelConfig(block_m=8, block_n=32, block_k=32)

@@ -184,11 +184,15 @@ def test_raising_and_hanging_rewards_score_zero_and_are_counted(tmp_path: Path) 
     def swapped_args(prompt: str, response: str, sample: dict[str, Any]) -> float:
         return 1.0
 
-    swapped = RLTrainer(model, processor, config(tmp_path), samples(2), swapped_args)  # type: ignore[arg-type]
+    swapped = RLTrainer(model, processor, config(tmp_path / "swapped"), samples(2), swapped_args)  # type: ignore[arg-type]
     with pytest.warns(RuntimeWarning, match="every reward call failed"):
         assert swapped.train().records[0]["reward_errors"] == 6
     slow = RLTrainer(
-        model, processor, config(tmp_path, reward_timeout=0.05, group_size=2, prompts_per_step=1), samples(1), hanging
+        model,
+        processor,
+        config(tmp_path / "slow", reward_timeout=0.05, group_size=2, prompts_per_step=1),
+        samples(1),
+        hanging,
     )
     start = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="RewardTimeoutError"):
@@ -252,13 +256,17 @@ def test_filtering_dynamic_sampling_and_kl(tmp_path: Path) -> None:
     record = solved.train().records[0]
     assert record["groups_filtered"] == 2 and record["no_signal"] is True
     dyn = RLTrainer(
-        model, processor, config(tmp_path, dynamic_sampling=True, max_sample_rounds=3), samples(6), length_reward
+        model,
+        processor,
+        config(tmp_path / "dyn", dynamic_sampling=True, max_sample_rounds=3),
+        samples(6),
+        length_reward,
     )
     record = dyn.train().records[0]
     assert record["groups"] <= 2 and record["sample_rounds"] >= 1 and record["groups_generated"] >= 2
     ref = copy.deepcopy(model)
     kl = RLTrainer(
-        model, processor, config(tmp_path, kl_coef=0.1, mini_batches=1), samples(4), length_reward, ref_model=ref
+        model, processor, config(tmp_path / "kl", kl_coef=0.1, mini_batches=1), samples(4), length_reward, ref_model=ref
     )
     record = kl.train().records[0]
     assert record["kl"] == pytest.approx(0.0, abs=1e-6)  # one update: the policy still equals the reference

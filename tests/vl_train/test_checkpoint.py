@@ -67,7 +67,7 @@ def test_in_process_resume_continues_weights_and_data(tmp_path: Path) -> None:
 def test_resume_true_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
     cfg = TrainConfig(**quiet(max_steps=1, output_dir=str(tmp_path)))
     assert Trainer(tiny_model(), cfg, SyntheticBatches(), resume=True).train().steps == 1
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
         Trainer(tiny_model(), cfg, SyntheticBatches(), resume=tmp_path / "elsewhere")
 
 

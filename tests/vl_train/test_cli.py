@@ -221,3 +221,57 @@ def test_demo_chain_s0_s1_sft(tmp_path: Path, capsys) -> None:
     assert torch.equal(s0.lm_head.weight, fresh.lm_head.weight)
     assert not torch.equal(s0.model.visual.merger.linear_fc2.weight, fresh.model.visual.merger.linear_fc2.weight)
     assert not torch.equal(s1.lm_head.weight, s0.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.packing=yes", "TrainConfig key 'packing' must be true or false, got 'yes'"),
+        ("train.max_steps=abc", "TrainConfig key 'max_steps' must be an integer, got 'abc'"),
+        ("optim.betas=1", "[optim] key 'betas' must be a list, got 1"),
+        ("data.size=abc", "[data] key 'size' must be an integer, got 'abc'"),
+        ("data.policy=ignore", "[data] key 'policy' must be one of ['fail', 'skip'], got 'ignore'"),
+        ("model.max_pixels=1.5", "[model] key 'max_pixels' must be an integer, got 1.5"),
+        ("data.image_size_range=[64]", "[data] key 'image_size_range' must be a list of 2 values, got [64]"),
+    ],
+)
+def test_set_type_errors_are_one_line_naming_the_key(override: str, message: str, capsys) -> None:
+    assert main(["demo_s0", "--set", override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and message in err and "Traceback" not in err
+
+
+def test_data_counts_reach_metrics_and_the_report(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    quick = ["--set", "train.max_steps=2", "--set", "data.size=16", "--set", "train.plot=false"]
+    assert (
+        main(["demo_s0", "--output", str(out), "--set", "train.max_length=128", "--set", "data.overlong=drop", *quick])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    import json
+
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data/seen"] >= last["data/rendered"] > 0 and last["data/dropped_overlong"] > 0
+    assert f"dropped_overlong {last['data/dropped_overlong']}" in printed
+    assert "samples not trained as given" in printed and "tokens > max_length 128" in printed
+
+
+def test_bad_jsonl_lines_follow_the_recipe_policy(tmp_path: Path) -> None:
+    from vl_train.data.format import write_jsonl
+    from vl_train.data.synthetic import SyntheticDataset
+
+    data = tmp_path / "data" / "train.jsonl"
+    write_jsonl(list(SyntheticDataset(size=4, tasks=["count"], image_size_range=(48, 64))), data)
+    with data.open("a") as f:
+        f.write("this is not json\n[1, 2]\n")
+    recipe = apply_overrides(load_recipe("demo_s0"), ["data.kind='jsonl'", f"data.path='{data.as_posix()}'"])
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if k in ("kind", "path")}
+    config = resolve_config(recipe, output=str(tmp_path / "out"))
+    _, processor = build_model(recipe["model"])
+    with pytest.raises(ValueError, match=r"train\.jsonl:5"):
+        next(build_data(recipe["data"], processor, config))
+    stream = build_data({**recipe["data"], "policy": "skip"}, processor, config)
+    next(stream)
+    next(stream)
+    assert stream.stats["skipped_bad_line"] + stream.stats["skipped_invalid"] >= 2 and stream.stats["rendered"] >= 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -45,10 +46,13 @@ def _stream(processor, packing: bool = True, buffer_size: int = BUFFER) -> Packe
     )
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Same tensors; ``sample_ids`` (the stream's, for error messages) equal when both have them."""
+    assert a.keys() - {"sample_ids"} == b.keys() - {"sample_ids"}
+    for key in a.keys() - {"sample_ids"}:
         assert torch.equal(a[key], b[key]), key
+    if "sample_ids" in a and "sample_ids" in b:
+        assert a["sample_ids"] == b["sample_ids"]
 
 
 def test_batches_equal_the_plain_pipeline(processor):
@@ -60,6 +64,9 @@ def test_batches_equal_the_plain_pipeline(processor):
     for got, want in zip(itertools.islice(_stream(processor), 6), itertools.islice(plain, 6), strict=True):
         _same(got, want)
         assert got["input_ids"].shape == (ROWS, MAX_LENGTH)
+        rows = got["sample_ids"]
+        assert len(rows) == ROWS and all(isinstance(i, str) for row in rows for i in row)
+        assert sum(len(row) for row in rows) == int(got["segment_ids"].max(1).values.add(1).sum())
 
 
 # buffer 7: samples wait in the packing buffer at the save; 9: a packed batch waits unyielded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,94 @@ def test_hf_dataset_source() -> None:
     assert [s["id"] for s in got] == ["h0", "h1"] and got[1]["_source"] == "hf:toy[1]"
     streamed = list(HFDataset(ds.to_iterable_dataset(), name="toy"))
     assert [s["id"] for s in streamed] == ["h0", "h1"]
+
+
+def _line_with(field: str, value: object) -> dict:
+    """A valid JSONL sample with one video (or image) field replaced."""
+    sample = {
+        "id": "bad",
+        "task": "t",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": ["f.png"], "fps": 2.0}, {"type": "text", "text": "q"}],
+            },
+            {"role": "assistant", "content": "a"},
+        ],
+    }
+    item = sample["messages"][0]["content"][0]  # type: ignore[index]
+    if field == "image":
+        item.clear()
+        item.update(type="image", image=value)
+    else:
+        item[field] = value
+    return sample
+
+
+MALFORMED_LINES = [
+    (
+        json.dumps(_line_with("image", "data:image/png;base64,@@not base64@@")).encode(),
+        r"content\[0\]\.image: .*base64",
+    ),
+    (json.dumps(_line_with("image", "data:image/png;base64")).encode(), r"content\[0\]\.image: data URL has no ','"),
+    (json.dumps(_line_with("image", "data:image/png,rawbytes")).encode(), r"content\[0\]\.image: only base64"),
+    (json.dumps(_line_with("video", ["a.png", "data:,x"])).encode(), r"content\[0\]\.video\[1\]: only base64"),
+    (json.dumps(_line_with("fps", "abc")).encode(), r"'fps' must be a positive finite number, got 'abc'"),
+    (json.dumps(_line_with("fps", [1])).encode(), r"'fps' must be a positive finite number, got \[1\]"),
+    (json.dumps(_line_with("fps", True)).encode(), r"'fps' must be a positive finite number, got True"),
+    (json.dumps(_line_with("fps", float("nan"))).encode(), r"'fps' must be a positive finite number, got nan"),
+    (json.dumps(_line_with("fps", float("inf"))).encode(), r"'fps' must be a positive finite number, got inf"),
+    (b"[" * 50_000 + b"]" * 50_000, r"not valid JSON: nested deeper|deeper than 32"),
+    (b'{"id": "deep", "answer": ' + b"[" * 40 + b"]" * 40 + b"}", r"deeper than 32 levels"),
+    (b'{"id": "x", "task": "caf\xe9"}', r"line is not UTF-8 text: byte 0xe9 at column 25"),
+    (b"[1, 2]", r"a line must hold one JSON object \(a sample\), got list"),
+    (b"null", r"a line must hold one JSON object \(a sample\), got NoneType"),
+    (b'"just text"', r"got str"),
+    (b'{"id": 1' + b"0" * 5000 + b"}", r"not valid JSON"),  # beyond Python's int digit limit
+    (b"{not json", r"not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("line", "needle"), MALFORMED_LINES, ids=range(len(MALFORMED_LINES)))
+def test_every_malformed_line_is_a_one_line_error_with_its_location(tmp_path: Path, line: bytes, needle: str) -> None:
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(text_sample("ok")).encode()
+    path.write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+    with pytest.raises(DataError) as info:
+        list(JsonlDataset(path))
+    message = str(info.value)
+    assert f"{path}:2: " in message and "\n" not in message and len(message) < 400
+    assert re.search(needle, message), message
+    stats = DataStats()
+    kept = list(JsonlDataset(path, policy="skip", stats=stats))
+    assert [s["_source"] for s in kept] == [f"{path}:1", f"{path}:3"]
+    assert stats["skipped_bad_line"] + stats["skipped_invalid"] == 1 and f"{path}:2" in stats.report()
+
+
+def test_skip_policy_shares_the_renderers_stats_and_rejects_unknown_policies(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"null\n" + json.dumps(text_sample("x") | {"id": 3}).encode() + b"\n\xff\n")
+    stats = DataStats()
+    assert list(JsonlDataset(path, policy="skip", stats=stats)) == []
+    assert stats.counts == {"skipped_bad_line": 2, "skipped_invalid": 1}
+    assert list(JsonlDataset(path, validate=False, policy="skip")) == [
+        text_sample("x") | {"id": 3, "_source": f"{path}:2"}
+    ]
+    with pytest.raises(ValueError, match="policy"):
+        JsonlDataset(path, policy="ignore")  # type: ignore[arg-type]
+
+
+def test_byte_order_mark_and_crlf_lines_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(text_sample("a")).encode() + b"\r\n" + json.dumps(text_sample("b")).encode()
+    )
+    assert [s["id"] for s in JsonlDataset(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("fps", ["30", [2], float("nan"), -1.0, 0, False])
+def test_validate_rejects_bad_fps_by_name(fps: object) -> None:
+    sample = video_sample("v")
+    sample["messages"][0]["content"][0]["fps"] = fps
+    with pytest.raises(DataError, match=r"sample 'v': message 0 item 0: 'fps' must be a positive finite number"):
+        validate_sample(sample)

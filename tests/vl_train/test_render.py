@@ -147,3 +147,105 @@ def test_bad_arguments(processor: Any) -> None:
         SampleRenderer(processor, policy="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_length"):
         SampleRenderer(processor, max_length=0)
+
+
+def _strip_markers(template: str) -> str:
+    import re
+
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+@pytest.mark.parametrize("thinking", [None, False, True])
+def test_templates_without_generation_markers_label_turn_by_turn(processor: Any, thinking: bool | None) -> None:
+    # our template with its {% generation %} markers removed must give exactly the same labels
+    from vl_model import VLProcessor
+    from vl_model.processing import has_generation_markers
+
+    plain = VLProcessor(
+        processor.image_processor,
+        processor.video_processor,
+        processor.tokenizer,
+        _strip_markers(processor.chat_template),
+    )
+    assert has_generation_markers(processor.chat_template) and not has_generation_markers(plain.chat_template)
+    conversation = {
+        "id": "two-turns",
+        "messages": [
+            {"role": "system", "content": "you are a helpful assistant"},
+            {"role": "user", "content": [{"type": "image", "image": image(16, 16)}, {"type": "text", "text": "what"}]},
+            {"role": "assistant", "content": "a cat"},
+            {"role": "user", "content": "and"},
+            {"role": "assistant", "content": "a red square"},
+        ],
+        "reasoning": "it is red",
+    }
+    for sample in (conversation, image_sample(answer="no"), text_sample(answer="yes")):
+        want = SampleRenderer(processor, thinking=thinking)(sample)
+        got = SampleRenderer(plain, thinking=thinking)(sample)
+        assert want is not None and got is not None and want.num_labels > 0
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels), sample["id"]
+
+
+def test_an_official_style_template_labels_the_answers(tmp_path: Path) -> None:
+    from vl_model import VLProcessor
+    from vl_model.testing import INSTRUCT_TEMPLATE, make_tokenizer
+
+    base = make_processor()
+    official = VLProcessor(base.image_processor, base.video_processor, make_tokenizer(), INSTRUCT_TEMPLATE)
+    sample = {
+        "id": "o",
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image(16, 16)}, {"type": "text", "text": "what is it"}],
+            },
+            {"role": "assistant", "content": "a cat"},
+            {"role": "user", "content": "and the colour"},
+            {"role": "assistant", "content": "grey"},
+        ],
+    }
+    out = SampleRenderer(official)(sample)
+    assert out is not None
+    text = official.tokenizer.decode(out.input_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert supervised_text(official.tokenizer, out.input_ids, out.labels) == "a cat<|im_end|>grey<|im_end|>"
+
+
+def test_a_sample_without_labelled_tokens_is_dropped_and_counted(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a template that marks nothing as the assistant's (e.g. markers around an empty block) leaves no label
+    monkeypatch.setattr(type(processor), "render_conversation", lambda self, turns: (self._render(turns)[0], []))
+    stats = DataStats()
+    assert SampleRenderer(processor, policy="skip", stats=stats)(text_sample(answer="yes")) is None
+    assert stats["dropped_no_labels"] == 1
+    with pytest.raises(DataError, match="no assistant token to learn"):
+        SampleRenderer(processor)(text_sample(answer="yes"))
+
+
+def test_huge_text_is_dropped_before_tokenising(processor: Any) -> None:
+    import time
+
+    huge = text_sample("huge", answer="yes " * 500_000)  # 2 MB: seconds to tokenise
+    stats = DataStats()
+    renderer = SampleRenderer(processor, max_length=256, stats=stats)
+    start = time.perf_counter()
+    assert renderer(huge) is None
+    assert time.perf_counter() - start < 1.0
+    assert stats["dropped_overlong"] == 1 and "dropped before tokenising" in stats.report()
+    one_word = text_sample("word", answer="x" * 2_000_000)
+    start = time.perf_counter()
+    assert renderer(one_word) is None and time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("words", [1, 20, 40, 60, 100, 200])
+def test_early_drop_agrees_with_tokenising(processor: Any, words: int) -> None:
+    # the character bound may only drop what tokenising would drop too
+    sample = text_sample("s", answer=" ".join(["describe"] * words))
+    full = SampleRenderer(processor)(sample)
+    assert full is not None
+    for max_length in (16, len(full) - 1, len(full)):
+        early, late = DataStats(), DataStats()
+        a = SampleRenderer(processor, max_length=max_length, stats=early)(sample)
+        b = SampleRenderer(processor, max_length=max_length, stats=late, early_drop=False)(sample)
+        assert (a is None) == (b is None) == (len(full) > max_length)

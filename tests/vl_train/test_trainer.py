@@ -243,3 +243,14 @@ def test_bf16_autocast_when_forced(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert model.lm_head.weight.dtype == torch.float32  # master weights stay float32
     assert torch.bfloat16 in seen
+
+
+def test_a_global_batch_without_labels_is_an_error_naming_its_samples(tmp_path: Path) -> None:
+    batch = SyntheticBatches().batch(0)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    batch["sample_ids"] = [["photo-1"], ["photo-2"]]
+    cfg = TrainConfig(**quiet(max_steps=1, output_dir=str(tmp_path)))
+    with pytest.raises(
+        ValueError, match=r"step 1: no labelled token in the global batch \(samples \['photo-1', 'photo-2'\]\)"
+    ):
+        Trainer(tiny_model(), cfg, iter([batch])).train()

@@ -27,6 +27,7 @@ __all__ = [
     "VLModelOutput",
     "VLVisionFeatures",
     "check_pairs",
+    "check_finite_pixels",
     "check_token_ids",
     "join_deepstack",
     "segments_from_cu_seqlens",
@@ -139,6 +140,26 @@ def join_deepstack(
         both[~is_image] = vid.to(img.dtype)
         joined.append(both)
     return visual, joined
+
+
+def check_finite_pixels(pixel_values: torch.Tensor, kind: str, *, training: bool) -> None:
+    """Raise naming the first NaN / inf patch row: non-finite pixels turn every visual token into NaN.
+
+    Like :func:`check_token_ids` it would sync the host on an accelerator, so it runs on CPU pixels always, on
+    other devices only outside training, and never while compiling.
+    """
+    if torch.compiler.is_compiling() or pixel_values.numel() == 0 or not pixel_values.is_floating_point():
+        return
+    if training and pixel_values.device.type != "cpu":
+        return
+    finite = torch.isfinite(pixel_values)
+    if bool(finite.all()):
+        return
+    row = int((~finite.all(-1)).nonzero()[0, 0])
+    raise ValueError(
+        f"pixel_values{'_videos' if kind == 'video' else ''} hold NaN or inf (first at patch row {row} of "
+        f"{pixel_values.shape[0]}): the {kind} was not normalised by the processor, or came from a broken file"
+    )
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, *, training: bool) -> None:

@@ -7,17 +7,31 @@ transformers convention: ``{"type": "image", "image": <PIL image | array | path>
 template and the generation prompt, preprocesses the media in order and returns one ``[1, P]`` row;
 :meth:`PromptEncoding.pad_prompts` left-pads such rows into a batch for ``generate``.
 
+:meth:`PromptEncoding.render_conversation` renders a whole conversation for training and says where the
+assistant's turns are (character spans), for any chat template: from its ``{% generation %}`` blocks when
+it has them, else turn by turn (each assistant turn is what the template adds after the generation
+prompt of the turns before it), so templates without markers (official Qwen3-VL ones) label too.
+
 Notation: ``B`` prompts, ``P`` longest prompt, ``N`` patches.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-__all__ = ["VISUAL_KEYS", "PromptEncoding", "split_media"]
+__all__ = ["VISUAL_KEYS", "PromptEncoding", "has_generation_markers", "split_media"]
+
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_markers(template: str) -> bool:
+    """Whether a chat template marks assistant text with ``{% generation %}`` blocks."""
+    return bool(_GENERATION.search(template))
+
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 """Visual inputs, concatenated over prompts in row order (the order the model's scatter reads)."""
@@ -78,19 +92,76 @@ class PromptEncoding:
                 ``None`` / ``True`` leave the template's default and its soft switches.
             **template_kwargs: Further template variables (``tools``, ``add_vision_id``, ...).
         """
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         turns, images, videos, rates = split_media(messages)
         if thinking is False:
             template_kwargs["enable_thinking"] = False
-        rendered, _ = cast(Any, render_jinja_template)(
-            conversations=[turns],
+        text, _ = self._render(turns, add_generation_prompt=True, **template_kwargs)
+        return text, images, videos, rates
+
+    def _render(self, turns: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[str, list[list[int]]]:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, spans = cast(Any, render_jinja_template)(
+            conversations=[list(turns)],
             chat_template=self.chat_template,
-            add_generation_prompt=True,
-            **template_kwargs,
+            **kwargs,
             **self.tokenizer.special_tokens_map,
         )
-        return str(rendered[0]), images, videos, rates
+        return str(rendered[0]), [[int(a), int(b)] for a, b in (spans[0] if spans else [])]
+
+    def render_conversation(
+        self, turns: Sequence[Mapping[str, Any]], **template_kwargs: Any
+    ) -> tuple[str, list[list[int]]]:
+        """``(text, spans)``: the whole conversation rendered, and the ``[start, end)`` characters of each
+        assistant turn (its text and end-of-turn token), for assistant-only labels.
+
+        Args:
+            turns: Template messages (media already split out, see :func:`split_media`).
+            **template_kwargs: Further template variables (``enable_thinking``, ``tools``, ...).
+
+        Raises:
+            ValueError: A template without generation markers that does not render an assistant turn as a
+                continuation of the turns before it (the turn named), or an assistant turn first.
+        """
+        if has_generation_markers(str(self.chat_template)):
+            return self._render(turns, return_assistant_tokens_mask=True, **template_kwargs)
+        text, _ = self._render(turns, **template_kwargs)
+        spans = []
+        for k, message in enumerate(turns):
+            if message.get("role") != "assistant":
+                continue
+            if k == 0:
+                raise ValueError("turn 0 is an assistant turn: a conversation starts with a user (or system) turn")
+            before, _ = self._render(turns[:k], add_generation_prompt=True, **template_kwargs)
+            upto, _ = self._render(turns[: k + 1], **template_kwargs)
+            if upto.startswith(before) and text.startswith(upto):
+                spans.append([len(before), len(upto.rstrip())])
+            else:  # the template renders a last turn differently (e.g. Qwen3's thinking block)
+                spans.append(self._locate_turn(text, turns, k, template_kwargs))
+        return text, spans
+
+    def _locate_turn(
+        self, text: str, turns: Sequence[Mapping[str, Any]], k: int, template_kwargs: dict[str, Any]
+    ) -> list[int]:
+        """Assistant turn ``k`` inside ``text``: after the history and the assistant header, up to its end token."""
+        history, _ = self._render(turns[:k], **template_kwargs)
+        prompt, _ = self._render(turns[:k], add_generation_prompt=True, **template_kwargs)
+        end_token = self.tokenizer.eos_token
+        if not (text.startswith(history) and prompt.startswith(history)) or not end_token:
+            raise ValueError(
+                f"the chat template has no {{% generation %}} markers and renders assistant turn {k} differently "
+                "depending on the turns after it, so its tokens cannot be located: add {% generation %} ... "
+                "{% endgeneration %} around assistant text in the template"
+            )
+        header, rest = prompt[len(history) :], text[len(history) :]
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(header, rest, strict=False)) if a != b), min(len(header), len(rest))
+        )
+        start = len(history) + shared
+        end = text.find(end_token, start)
+        if end < 0:
+            raise ValueError(f"assistant turn {k} has no end token {end_token!r} in the rendered conversation")
+        return [start, end + len(end_token)]
 
     def encode_prompt(
         self, messages: Sequence[Mapping[str, Any]], *, thinking: bool | None = None, **template_kwargs: Any

@@ -32,6 +32,7 @@ from ._inputs import (
     VLModelOutput,
     VLVisionFeatures,
     check_pairs,
+    check_finite_pixels,
     check_token_ids,
     join_deepstack,
     segments_from_cu_seqlens,
@@ -89,6 +90,7 @@ class VLModel(VLPreTrainedModel):
     def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kind: str) -> VisionOutput:
         """Merged tokens ``[N, H]`` and DeepStack features of all images (or videos), concatenated."""
         check_pairs(pixel_values, grid_thw, kind)
+        check_finite_pixels(pixel_values, kind, training=self.training)
         return self.visual(pixel_values.to(self.visual.dtype), grid_thw)
 
     def _features(

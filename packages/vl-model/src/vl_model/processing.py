@@ -11,10 +11,10 @@ transformers' ``Qwen3VLProcessor`` lays it out:
 - ``mm_token_type_ids`` marks text 0, image pads 1, video pads 2 (what ``get_rope_index`` reads).
 
 Pixels come from :class:`vl_vision.processing.ImageProcessor` / ``VideoProcessor``; the chat template
-is :data:`vl_model.chat_template.CHAT_TEMPLATE`. Settings are saved in ``processor_config.json``
-(their init arguments), the tokenizer in its own files and the template in ``chat_template.jinja``;
-``from_pretrained`` also reads an official Qwen3-VL folder (``preprocessor_config.json`` and
-``video_preprocessor_config.json``).
+is :data:`vl_model.chat_template.CHAT_TEMPLATE`. ``save_pretrained`` writes the official Qwen3-VL
+files (``preprocessor_config.json``, ``video_preprocessor_config.json``, the tokenizer's files and
+``chat_template.jinja``), which plain transformers reads; ``from_pretrained`` reads them, an official
+Hub folder, or a folder written by an earlier version (``processor_config.json``).
 
 Notation: grid ``(t, h, w)`` in patches; ``m`` merge size.
 """
@@ -36,18 +36,15 @@ from transformers.processing_utils import ProcessorMixin
 
 from vl_vision.processing import ImageProcessor, VideoProcessor
 
-from ._prompts import PromptEncoding, split_media
+from ._processor_files import IMAGE_FILE, VIDEO_FILE, media_kwargs, official_files
+from ._prompts import PromptEncoding, has_generation_markers, split_media
 from .chat_template import CHAT_TEMPLATE
 
-__all__ = ["VLProcessor", "split_media"]
+__all__ = ["VLProcessor", "has_generation_markers", "split_media"]
 
 PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # init arguments saved in processor_config.json (num_threads is a property of the machine, not saved)
-_SHARED_KEYS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "image_mean")
-_IMAGE_KEYS = (*_SHARED_KEYS, "image_std", "high_bit_depth", "min_side")
-_VIDEO_KEYS = (*_SHARED_KEYS, "image_std", "high_bit_depth", "fps", "min_frames", "max_frames")
-_VIDEO_KEYS_EXTRA = ("max_frame_tokens", "timestamp_style")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -197,6 +194,8 @@ class VLProcessor(ProcessorMixin, PromptEncoding):
         kwargs.pop("return_metadata", None)
         if images is None and videos is None and text is None:
             raise ValueError("VLProcessor needs text, images or videos")
+        if isinstance(text, list | tuple) and not text:
+            raise ValueError("VLProcessor got text=[]: an empty batch; give at least one text (or text=None)")
 
         data: dict[str, Any] = {}
         image_grids: list[list[int]] = []
@@ -304,29 +303,40 @@ class VLProcessor(ProcessorMixin, PromptEncoding):
     # ------------------------------------------------------------------ save / load
 
     def to_dict(self) -> dict[str, Any]:
-        """``processor_config.json`` content: the init arguments of both media processors."""
-        return {
-            "processor_class": type(self).__name__,
-            "image_processor": {k: getattr(self.image_processor, k) for k in _IMAGE_KEYS},
-            "video_processor": {k: getattr(self.video_processor, k) for k in _VIDEO_KEYS + _VIDEO_KEYS_EXTRA},
-        }
+        """The two preprocessor files' contents (see :mod:`vl_model._processor_files`)."""
+        return official_files(self.image_processor, self.video_processor)
+
+    def media_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The arguments that rebuild the image and the video processor (``ImageProcessor(**image)``, ...)."""
+        files = self.to_dict()
+        return media_kwargs(files[IMAGE_FILE], video=False), media_kwargs(files[VIDEO_FILE], video=True)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any
     ) -> list[str]:
-        """Write tokenizer files, ``processor_config.json`` and ``chat_template.jinja`` to a folder."""
+        """Write the tokenizer, the preprocessor files and ``chat_template.jinja`` in the official layout.
+
+        Plain transformers reads them (``Qwen3VLProcessor`` and its parts); ``from_pretrained`` reads them back
+        with every setting.
+        """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
-        config_file = folder / PROCESSOR_CONFIG
-        config_file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written = []
+        for name, content in self.to_dict().items():
+            (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            written.append(str(folder / name))
+        stale = folder / PROCESSOR_CONFIG  # an earlier version's file would shadow the new ones
+        if stale.is_file() and "image_processor" in json.loads(stale.read_text(encoding="utf-8")):
+            stale.unlink()
         template_file = folder / CHAT_TEMPLATE_FILE
         if isinstance(self.chat_template, str):
             template_file.write_text(self.chat_template, encoding="utf-8")
+            written.append(str(template_file))
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", folder.name)
             self.push_to_hub(repo_id, **kwargs)
-        return [str(config_file), str(template_file)]
+        return written
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -362,37 +372,18 @@ class VLProcessor(ProcessorMixin, PromptEncoding):
                 return None
             return Path(found).read_text(encoding="utf-8")
 
-        ours, image_hf, video_hf = read(PROCESSOR_CONFIG), read("preprocessor_config.json"), None
+        ours, image_hf, video_hf = read(PROCESSOR_CONFIG), read(IMAGE_FILE), None
         config = json.loads(ours) if ours else {}
-        if "image_processor" in config:
+        if "image_processor" in config:  # written by an earlier version
             image = ImageProcessor(**config["image_processor"])
             video = VideoProcessor(**config.get("video_processor", {}))
         elif image_hf is not None:
-            video_hf = read("video_preprocessor_config.json")
-            image = ImageProcessor(**_from_hf(json.loads(image_hf), video=False))
-            video = VideoProcessor(**_from_hf(json.loads(video_hf or image_hf), video=video_hf is not None))
+            video_hf = read(VIDEO_FILE)
+            image = ImageProcessor(**media_kwargs(json.loads(image_hf), video=False))
+            video = VideoProcessor(**media_kwargs(json.loads(video_hf or image_hf), video=video_hf is not None))
         else:
             raise OSError(
                 f"{pretrained_model_name_or_path} has neither {PROCESSOR_CONFIG} nor preprocessor_config.json"
             )
         template = chat_template or read(CHAT_TEMPLATE_FILE) or getattr(tokenizer, "chat_template", None)
         return cls(image_processor=image, video_processor=video, tokenizer=tokenizer, chat_template=template)
-
-
-def _from_hf(config: dict[str, Any], *, video: bool) -> dict[str, Any]:
-    """Our processor arguments from a transformers Qwen2-VL/Qwen3-VL (video) preprocessor config."""
-    out: dict[str, Any] = {
-        k: config[k]
-        for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
-        if k in config
-    }
-    size = config.get("size") or {}
-    low = size.get("shortest_edge", config.get("min_pixels"))
-    high = size.get("longest_edge", config.get("max_pixels"))
-    if low is not None:
-        out["min_pixels"] = int(low)
-    if high is not None:
-        out["max_pixels"] = int(high)
-    if video:
-        out.update({k: config[k] for k in ("fps", "min_frames", "max_frames") if config.get(k) is not None})
-    return out

@@ -96,5 +96,6 @@ def moe_experts(
             raise ImportError(
                 "backend='triton' needs triton and the vl_moe.kernels package; use backend='torch' instead"
             ) from err
-        return triton_moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down)
+        # The ids were range-checked above when check_ids asked for it: no second host synchronisation.
+        return triton_moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down, validate_ids=False)
     return torch_moe_experts(x, topk_weights, topk_ids, w_gate_up, w_down)

@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vl-rl`` / ``python -m vl_rl``; returns the exit status."""
-    from vl_train.builders import build_model
+    from vl_train.builders import build_model, checkpoint_layout, save_model
     from vl_train.recipe import apply_overrides
 
     args = _parser().parse_args(argv)
@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     result = trainer.train()
     out = result.output_dir
-    model.save_pretrained(out / "model")
-    processor.save_pretrained(out / "model")
+    save_model(model, processor, out / "model", checkpoint_layout(recipe.get("model", {})))
     if result.eval_history:
         first, last = result.eval_history[0], result.eval_history[-1]
         print(

@@ -103,8 +103,10 @@ class RLTrainer(TrainingLoop):
         ref_model: Frozen reference policy for the KL penalty (needed when ``kl_coef > 0``).
         engine: Rollout engine (default: an :class:`~vl_rl.rollout.HFRolloutEngine` from the config).
         callbacks: ``callback(trainer, record)`` after every step; a truthy return value stops the run.
-        resume: ``True``: continue from the latest checkpoint in ``output_dir`` (a fresh start when there
-            is none); a path: from that checkpoint.
+        resume: ``True``: continue from the latest valid checkpoint in ``output_dir`` (a fresh start when
+            there is none); a path: from that checkpoint.
+        overwrite: Start afresh in an output folder that holds another run (deleting its checkpoints and
+            metrics); without it such a folder is an error.
 
     Raises:
         ValueError: No training samples, ``kl_coef > 0`` without a reference model, or prompts per step
@@ -126,6 +128,7 @@ class RLTrainer(TrainingLoop):
         engine: RolloutEngine | None = None,
         callbacks: Sequence[Callback] = (),
         resume: bool | str | Path = False,
+        overwrite: bool = False,
     ) -> None:
         if len(train_samples) == 0:
             raise ValueError("RLTrainer needs at least one training sample")
@@ -143,7 +146,7 @@ class RLTrainer(TrainingLoop):
             ref_model.requires_grad_(False).eval()
         self.eval_history: list[dict[str, Any]] = []
         self.pad_id = int(processor.tokenizer.pad_token_id)
-        super().__init__(model, config, callbacks=callbacks, resume=resume)
+        super().__init__(model, config, callbacks=callbacks, resume=resume, overwrite=overwrite)
         self.engine: RolloutEngine = engine or HFRolloutEngine(
             model,
             processor,

@@ -34,12 +34,15 @@ if TYPE_CHECKING:
     from .data.stream import PackedStream
 
 __all__ = [
+    "OFFICIAL_LAYOUTS",
     "build_data",
     "build_mixture",
     "build_model",
     "build_processor",
     "check_processor",
+    "checkpoint_layout",
     "load_model",
+    "save_model",
     "weights_folder",
 ]
 
@@ -101,9 +104,9 @@ def _with_budgets(processor: Any, section: Mapping[str, Any]) -> Any:
     video = {k: section[k] for k in _VIDEO_BUDGETS if k in section}
     if not image and not video:
         return processor
-    settings = processor.to_dict()
-    processor.image_processor = ImageProcessor(**{**settings["image_processor"], **image})
-    processor.video_processor = VideoProcessor(**{**settings["video_processor"], **video})
+    image_settings, video_settings = processor.media_settings()
+    processor.image_processor = ImageProcessor(**{**image_settings, **image})
+    processor.video_processor = VideoProcessor(**{**video_settings, **video})
     return processor
 
 
@@ -228,7 +231,7 @@ def build_model(section: Mapping[str, Any]) -> tuple[Any, Any]:
     return model, processor
 
 
-def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
+def _source(spec: Mapping[str, Any], default_seed: int, policy: str = "fail", stats: Any = None) -> Any:
     kind = spec.get("kind", "synthetic")
     if kind == "synthetic":
         from .data.synthetic import SyntheticDataset
@@ -243,19 +246,24 @@ def _source(spec: Mapping[str, Any], default_seed: int) -> Any:
 
         if "path" not in spec:
             raise ValueError("a jsonl data source needs a path")
-        return JsonlDataset(spec["path"])
+        return JsonlDataset(spec["path"], policy=policy, stats=stats)  # type: ignore[arg-type]
     raise ValueError(f"unknown data source kind {kind!r}; kinds are ['synthetic', 'jsonl']")
 
 
-def build_mixture(data_section: Mapping[str, Any], config: TrainConfig) -> MixtureSampler:
-    """The ``[data]`` section's samples: one source or a mixture of ``[data.sources.NAME]`` by ratio (endless)."""
+def build_mixture(data_section: Mapping[str, Any], config: TrainConfig, stats: Any = None) -> MixtureSampler:
+    """The ``[data]`` section's samples: one source or a mixture of ``[data.sources.NAME]`` by ratio (endless).
+
+    Malformed JSONL lines follow ``[data] policy`` (``"skip"``: counted in ``stats`` as ``skipped_bad_line`` /
+    ``skipped_invalid``).
+    """
     from .data.mixture import MixtureSampler
 
     seed = int(data_section.get("seed", config.seed))
+    policy = str(data_section.get("policy", "fail"))
     specs = dict(data_section.get("sources", {})) or {
         "data": {k: v for k, v in data_section.items() if k in SOURCE_KEYS}
     }
-    sources = {name: _source(spec, seed) for name, spec in specs.items()}
+    sources = {name: _source(spec, seed, policy, stats) for name, spec in specs.items()}
     ratios = {name: float(spec.get("ratio", 1.0)) for name, spec in specs.items()}
     return MixtureSampler(sources, ratios, seed=seed, shuffle_buffer=int(data_section.get("shuffle_buffer", 1000)))
 
@@ -265,10 +273,12 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
 
     Its ``state_dict()`` goes into the trainer's checkpoints, so a resumed run continues the data exactly.
     """
+    from .data.format import DataStats
     from .data.render import SampleRenderer
     from .data.stream import PackedStream
 
-    mixture = build_mixture(data_section, config)
+    stats = DataStats()  # one count for the reader's bad lines and the renderer's bad samples
+    mixture = build_mixture(data_section, config, stats)
     thinking = {"auto": None, "on": True, "off": False}[config.thinking]
     renderer = SampleRenderer(
         processor,
@@ -276,6 +286,7 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
         overlong=data_section.get("overlong", "drop"),
         policy=data_section.get("policy", "fail"),
         thinking=thinking,
+        stats=stats,
     )
     return PackedStream(
         mixture,
@@ -285,3 +296,38 @@ def build_data(data_section: Mapping[str, Any], processor: Any, config: TrainCon
         rows_per_batch=config.micro_batch_size,
         packing=config.packing,
     )
+
+
+OFFICIAL_LAYOUTS = ("qwen3_vl", "qwen3_vl_moe")
+"""Checkpoint layouts that runs starting from them are saved back in (plain transformers and vLLM load them)."""
+
+
+def checkpoint_layout(section: Mapping[str, Any]) -> str:
+    """The ``model_type`` of ``[model] init_from`` (``qwen3_vl``, ``qwen3_vl_moe``, ``vl``, ``vl_composed``); ``vl``
+    for a fresh model."""
+    source = section.get("init_from")
+    if not source:
+        return "vl"
+    folder = weights_folder(str(source))
+    return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "vl"))
+
+
+def save_model(model: Any, processor: Any, folder: str | Path, layout: str = "vl") -> Path:
+    """Save ``model`` and its ``processor`` into ``folder`` (the next stage's ``init_from``); returns the folder.
+
+    Args:
+        model: The trained model.
+        processor: Its processor (saved in the official Qwen3-VL files, which plain transformers reads).
+        folder: Where to write.
+        layout: ``qwen3_vl`` / ``qwen3_vl_moe`` write the official checkpoint layout (``export_qwen3_vl``), so
+            a run that started from an official checkpoint ends in one; anything else ``save_pretrained``.
+    """
+    out = Path(folder)
+    if layout in OFFICIAL_LAYOUTS:
+        from vl_model import export_qwen3_vl
+
+        export_qwen3_vl(model, out)
+    else:
+        model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out

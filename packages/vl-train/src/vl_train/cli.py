@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .builders import checkpoint_layout, save_model
 from .recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
 
 __all__ = ["main"]
@@ -35,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--output", help="output folder (overrides train.output_dir)")
     parser.add_argument("--init-from", help="start from this model folder or previous run's output")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest valid checkpoint in the output")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start afresh in an output folder that holds a run (deletes it)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="build everything and print the config, no training")
     parser.add_argument("--list", action="store_true", help="list the packaged recipes and stage presets")
     return parser
@@ -43,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _report(output_dir: Path, result: Any) -> None:
     print(f"vl-train: stopped after {getattr(result, 'steps', '?')} steps ({getattr(result, 'stopped_reason', '?')})")
+    stats = getattr(result, "data_stats", None)
+    if stats:
+        print("vl-train: data: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
     losses = list(getattr(result, "losses", []) or [])
     if losses:
         print(f"vl-train: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
@@ -93,18 +100,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .trainer import Trainer
 
+    run = {"resume": args.resume, "overwrite": args.overwrite}
     try:  # Trainer (and DistillTrainer) freeze every part outside config.trainable
         if batches is None:
             from .distill_run import run_distill
 
-            result = run_distill(recipe, config, model, processor, resume=args.resume)
+            result = run_distill(recipe, config, model, processor, **run)
         else:
-            result = Trainer(model, config, batches, resume=args.resume).train()
-    except (ValueError, FileNotFoundError) as exc:  # e.g. an unwritable output directory, before any training
+            trainer = Trainer(model, config, batches, **run)
+            if trainer.resumed_from is not None:
+                print(f"vl-train: resumed from {trainer.resumed_from} at step {trainer.step}")
+            result = trainer.train()
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a folder holding another run, before any training
         print(f"vl-train: error: {exc}", file=sys.stderr)
         return 2
     output_dir = Path(getattr(result, "output_dir", None) or config.output_dir)
-    model.save_pretrained(str(output_dir / "model"))
-    processor.save_pretrained(str(output_dir / "model"))
+    if result.stopped_reason.startswith("interrupted"):
+        print(
+            f"vl-train: {result.stopped_reason} at step {result.steps}: checkpoint {result.checkpoint}; continue with "
+            f"`vl-train {args.recipe} --output {output_dir} --resume` (plus the same --set options)",
+            file=sys.stderr,
+        )
+        return 130
+    save_model(model, processor, output_dir / "model", checkpoint_layout(recipe.get("model", {})))
     _report(output_dir, result)
+    examples = getattr(getattr(batches, "stats", None), "report", lambda: "")()
+    lost = {k: v for k, v in result.data_stats.items() if k not in ("seen", "rendered")}
+    if lost:
+        print(
+            f"vl-train: samples not trained as given, counted per draw (the data cycles): {lost} "
+            f"(also in metrics.jsonl as data/*):\n{examples}"
+        )
     return 0

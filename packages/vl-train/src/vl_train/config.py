@@ -18,13 +18,24 @@ mergers) and ``llm`` (decoder and output head), as in ``vl_model.PARTS``.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from vl_model.runtime import PARTS
 
-__all__ = ["PARTS", "DistillSpec", "LossReduction", "OptimConfig", "RunConfig", "TrainConfig", "config_from_dict"]
+__all__ = [
+    "PARTS",
+    "DistillSpec",
+    "LossReduction",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "type_problem",
+]
 
 LossReduction = Literal["sqrt", "token", "sample"]
 DistillMode = Literal["off_policy", "on_policy"]
@@ -37,12 +48,56 @@ _DISTILL_LOSSES: dict[str, tuple[str, ...]] = {
 C = TypeVar("C")
 
 
+def type_problem(hint: Any, value: Any) -> str | None:
+    """What ``value`` should be to match a field's type hint, or ``None`` when it matches."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or dataclasses.is_dataclass(hint):
+        return None
+    if origin in (typing.Union, types.UnionType):
+        problems = [type_problem(arg, value) for arg in args]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if origin is Literal:
+        return None if value in args else f"one of {list(args)}"
+    if origin in (tuple, list):
+        if not isinstance(value, tuple | list):
+            return "a list"
+        fixed = origin is tuple and bool(args) and args[-1] is not Ellipsis
+        if fixed and len(args) != len(value):
+            return f"a list of {len(args)} values"
+        kinds = args if fixed else [args[0]] * len(value) if args else []
+        bad = [p for item, kind in zip(value, kinds, strict=False) if (p := type_problem(kind, item))]
+        return f"a list whose items are each {bad[0]}" if bad else None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, Mapping) else "a table"
+    if hint is type(None):
+        return None if value is None else "none"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
 def config_from_dict(cls: type[C], data: Mapping[str, Any], what: str) -> C:
-    """``cls(**data)`` after checking that every key is a field (unknown keys named, known ones listed)."""
+    """``cls(**data)`` after checking the keys (unknown ones named, known ones listed) and the value types.
+
+    Raises:
+        ValueError: One line naming the unknown keys, or the key whose value has the wrong type (and the
+            value), e.g. a recipe's ``--set train.packing=yes``.
+    """
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {what} keys {unknown}; known keys are {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        problem = type_problem(hints.get(name, Any), value)
+        if problem is not None:
+            raise ValueError(f"{what} key {name!r} must be {problem}, got {value!r}")
     return cls(**dict(data))
 
 

@@ -211,7 +211,13 @@ def check_teacher(recipe: Mapping[str, Any], config: TrainConfig) -> bool:
 
 
 def run_distill(
-    recipe: Mapping[str, Any], config: TrainConfig, model: nn.Module, processor: Any, *, resume: bool = False
+    recipe: Mapping[str, Any],
+    config: TrainConfig,
+    model: nn.Module,
+    processor: Any,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Run the distillation a recipe describes (``preset`` Distill, a ``[teacher]`` section); see the module doc.
 
@@ -220,7 +226,8 @@ def run_distill(
         config: Its ``TrainConfig`` (with a ``distill`` spec).
         model: The student.
         processor: The student's (and teacher's) processor.
-        resume: Continue from the latest checkpoint in the output folder.
+        resume: Continue from the latest valid checkpoint in the output folder.
+        overwrite: Start afresh in an output folder that holds another run.
 
     Raises:
         ValueError: A bad ``[teacher]`` section (see :func:`teacher_spec`) or a teacher that does not fit.
@@ -237,9 +244,11 @@ def run_distill(
     data = dict(recipe.get("data", {}))
     if spec.mode == "on_policy":
         prompts = PromptBatches(build_mixture(data, config), processor, config.micro_batch_size)
-        return DistillTrainer(model, teacher, config, prompts, resume=resume).train()
+        return DistillTrainer(model, teacher, config, prompts, resume=resume, overwrite=overwrite).train()
     if spec.loss != "ce":
-        return DistillTrainer(model, teacher, config, build_data(data, processor, config), resume=resume).train()
+        return DistillTrainer(
+            model, teacher, config, build_data(data, processor, config), resume=resume, overwrite=overwrite
+        ).train()
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     mixture = build_mixture(data, config)
@@ -248,4 +257,4 @@ def run_distill(
     jsonl = output / "teacher_data" / "teacher_data.jsonl"
     generate_teacher_data(teacher, processor, samples, max_new_tokens=spec.max_new_tokens, output=jsonl, **penalties)
     sft_data = {"kind": "jsonl", "path": str(jsonl), "seed": data.get("seed", config.seed)}
-    return Trainer(model, config, build_data(sft_data, processor, config), resume=resume).train()
+    return Trainer(model, config, build_data(sft_data, processor, config), resume=resume, overwrite=overwrite).train()

@@ -14,7 +14,13 @@
   checkpoint every ``save_every`` steps -> callbacks; a final checkpoint and a PNG at the end;
 - checkpoints through :mod:`vl_train.run_checkpoint` (one process or FSDP ranks alike), holding the
   model, optimiser, scheduler, RNG, the step's data state and what the subclass adds
-  (:meth:`TrainingLoop.extra_state`); ``resume`` restores all of it.
+  (:meth:`TrainingLoop.extra_state`), each file's checksum and the run's id; ``resume`` restores all of
+  it from the newest checkpoint that verifies (falling back past a corrupted one, with a warning), and
+  refuses a checkpoint whose settings differ from the run's (the fields named);
+- never loses work (:mod:`vl_train.run_safety`): a fresh run refuses an output folder that holds another
+  run unless asked to ``overwrite`` it; SIGINT / SIGTERM finish the step, write a checkpoint and stop the
+  run (``stopped_reason`` ``"interrupted (SIGINT)"``); pruning (``keep_last``) touches this run's
+  checkpoints only.
 
 Callbacks: ``callback(trainer, record)`` after every step (and its checkpoint); a truthy return value
 stops the run (``stopped_reason == "callback"``).
@@ -28,6 +34,7 @@ import logging
 import math
 import os
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +46,14 @@ from torch import nn
 
 from vl_model.parts import freeze, unfreeze
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_valid_checkpoint
 from .config import PARTS, RunConfig
 from .losses import check_finite_loss
 from .metrics import PLOT_FILE, MetricsLogger, NonFiniteGuard, RankMetrics, plot_loss_curve
 from .optim import build_optimizer, build_scheduler
 from .parallel import is_main_process, parallelize, world_size
 from .run_checkpoint import RunState, load_run_checkpoint, save_run_checkpoint
+from .run_safety import OutputDirError, StopSignals, claim_output_dir, config_changes
 
 __all__ = ["Callback", "OutputDirError", "TrainResult", "TrainingLoop", "check_output_dir"]
 
@@ -53,10 +61,6 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[Any, dict[str, Any]], object]
 """``callback(trainer, record)``; a truthy return value stops the run."""
-
-
-class OutputDirError(ValueError):
-    """The output directory cannot be created or written."""
 
 
 @dataclass
@@ -73,6 +77,8 @@ class TrainResult:
         eval_loss: Mean per-token loss on the evaluation batches at the end (``None`` without them).
         plot: The run's PNG (``None`` when not written).
         records: The metrics record of every step.
+        data_stats: Counts of what the data pipeline rendered, skipped, dropped and truncated (empty when the
+            batches do not count).
     """
 
     steps: int
@@ -84,6 +90,7 @@ class TrainResult:
     eval_loss: float | None = None
     plot: Path | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    data_stats: dict[str, int] = field(default_factory=dict)
 
 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
@@ -109,15 +116,18 @@ class TrainingLoop:
             ``config.trainable`` are frozen here.
         config: The run's settings (a :class:`~vl_train.config.RunConfig` or a subclass).
         callbacks: ``callback(trainer, record)`` after every step; a truthy return value stops the run.
-        resume: ``True``: continue from the latest checkpoint in ``config.output_dir`` (if any); a path:
-            from that checkpoint (or the latest one inside that folder). The checkpoint is loaded at the
-            end of this constructor, so a subclass sets what :meth:`load_data_state` /
-            :meth:`load_extra_state` restore before calling it.
+        resume: ``True``: continue from the latest valid checkpoint in ``config.output_dir`` (a fresh start
+            when there is none); a path: from that checkpoint (or the latest valid one inside that folder).
+            The checkpoint is loaded at the end of this constructor, so a subclass sets what
+            :meth:`load_data_state` / :meth:`load_extra_state` restore before calling it.
+        overwrite: Start afresh in an output folder that holds another run, deleting that run's
+            checkpoints and metrics (without it, such a folder is an error).
 
     Raises:
-        OutputDirError: ``config.output_dir`` cannot be created or written (before any training).
+        OutputDirError: ``config.output_dir`` cannot be written, or holds another run (neither ``resume``
+            nor ``overwrite`` given); before any training.
         FileNotFoundError: ``resume`` names a folder without a checkpoint.
-        ValueError: The checkpoint does not fit (another world size, other model keys).
+        ValueError: The checkpoint does not fit (another world size, other model keys, changed settings).
     """
 
     def __init__(
@@ -127,12 +137,15 @@ class TrainingLoop:
         *,
         callbacks: Sequence[Callback] = (),
         resume: bool | str | os.PathLike[str] = False,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
         self.model = model
         self.callbacks = list(callbacks)
         self.distributed = world_size() > 1
-        self.output_dir = check_output_dir(config.output_dir) if is_main_process() else Path(config.output_dir)
+        self.output_dir = Path(config.output_dir)
+        self._claim_output_dir(resume=bool(resume), overwrite=overwrite)
+        self.run_id = uuid.uuid4().hex
         torch.manual_seed(config.seed)
         freeze(model, [p for p in PARTS if p not in config.trainable])
         unfreeze(model, config.trainable)
@@ -143,8 +156,25 @@ class TrainingLoop:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
         if resume:
             self.resume(None if resume is True else resume)
+
+    def _claim_output_dir(self, *, resume: bool, overwrite: bool) -> None:
+        """Rank 0 checks (and with ``overwrite`` clears) the output folder; every rank raises its verdict."""
+        problem: str | None = None
+        if is_main_process():
+            try:
+                check_output_dir(self.output_dir)
+                claim_output_dir(self.output_dir, resume=resume, overwrite=overwrite)
+            except OutputDirError as exc:
+                problem = str(exc)
+        if self.distributed:  # the same verdict everywhere: no rank waits in a collective for one that raised
+            verdict = [problem]
+            torch.distributed.broadcast_object_list(verdict, src=0)
+            problem = verdict[0]
+        if problem is not None:
+            raise OutputDirError(problem)
 
     # ------------------------------------------------------------------ subclasses implement / extend
 
@@ -242,32 +272,42 @@ class TrainingLoop:
         """Write a checkpoint of the current step atomically (a collective under FSDP); returns its folder."""
         cfg = self.config
         extra = {"config": cfg.to_dict(), **self.extra_state()}
-        run = RunState(self.step, self.data_state(), self.history, extra, cfg.keep_last)
+        run = RunState(self.step, self.data_state(), self.history, extra, cfg.keep_last, self.run_id)
         self.last_checkpoint = save_run_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, run)
         return self.last_checkpoint
 
     def resume(self, where: str | os.PathLike[str] | None = None) -> bool:
-        """Restore the latest checkpoint in ``where`` (default: the output folder), or ``where`` itself.
+        """Restore the newest valid checkpoint in ``where`` (default: the output folder), or ``where`` itself.
 
         Returns:
             Whether a checkpoint was loaded (False: none in the output folder, a fresh start).
 
         Raises:
-            FileNotFoundError: ``where`` is another folder and holds no checkpoint.
+            FileNotFoundError: ``where`` is another folder and holds no valid checkpoint.
+            ValueError: The checkpoint's settings differ from this run's (the fields named), it was written by
+                another number of ranks, or does not fit the model.
         """
         folder = Path(where) if where is not None else self.output_dir
-        path = folder if (folder / "meta.json").is_file() else latest_checkpoint(folder)
+        path = folder if (folder / "meta.json").is_file() else latest_valid_checkpoint(folder)
         if path is None:
             if folder != self.output_dir:
-                raise FileNotFoundError(f"no checkpoint to resume from in {folder}")
+                raise FileNotFoundError(f"no valid checkpoint to resume from in {folder}")
             log.info("no checkpoint in %s: starting from step 0", folder)
             return False
         ckpt = load_run_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        changed = config_changes(ckpt.extra.get("config", {}), self.config.to_dict())
+        if changed:
+            raise ValueError(
+                f"cannot resume {path} with changed settings ({'; '.join(changed)}): resume with the run's "
+                "settings, or start a new run in another folder"
+            )
         self.step, self.history, self.last_checkpoint = ckpt.step, list(ckpt.metrics), path
+        self.run_id = ckpt.run_id or self.run_id
         self.load_extra_state(dict(ckpt.extra))
         if ckpt.data_state is not None:
             self.load_data_state(ckpt.data_state)
-        log.info("resumed from %s at step %d", path, self.step)
+        self.resumed_from = path
+        log.warning("resumed from %s at step %d", path, self.step)
         return True
 
     # ------------------------------------------------------------------ the loop
@@ -295,7 +335,9 @@ class TrainingLoop:
         metrics = self._metrics()
         self.history = metrics.records
         reason, guard, plot = "max_steps", NonFiniteGuard(cfg.max_nan_steps), None
+        signals = StopSignals()
         try:
+            signals.__enter__()
             self.on_train_start()
             while self.step < cfg.max_steps:
                 try:
@@ -321,10 +363,14 @@ class TrainingLoop:
                 if self._call_callbacks(record):
                     reason = "callback"
                     break
+                if _agreed_stop(signals.requested):
+                    reason = f"interrupted ({signals.requested or 'on another rank'})"
+                    break
             saved = self.last_checkpoint is not None and self.last_checkpoint.name == f"checkpoint-{self.step:08d}"
             if not reason.startswith("non-finite") and self.step > 0 and not saved:
                 self.save()
         finally:
+            signals.__exit__()
             metrics.close(plot=False)
         if cfg.plot and is_main_process() and self.history:
             plot = self.plot(self.history)
@@ -339,6 +385,15 @@ class TrainingLoop:
             records=list(self.history),
         )
         return self.finish(result)
+
+
+def _agreed_stop(requested: str | None) -> bool:
+    """Whether any rank received a stop signal (every rank must stop at the same step)."""
+    if world_size() == 1:
+        return requested is not None
+    flag = torch.tensor([1.0 if requested else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def iterate(batches: Iterable[Any]) -> Any:

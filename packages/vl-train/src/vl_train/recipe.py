@@ -16,9 +16,9 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .config import OptimConfig, TrainConfig
+from .config import OptimConfig, TrainConfig, type_problem
 from .stages import stage
 
 __all__ = [
@@ -34,30 +34,57 @@ __all__ = [
 ]
 
 TOP_KEYS = {"preset", "description", "model", "data", "optim", "train", "teacher"}
-MODEL_KEYS = {"init_from", "tokenizer", "text", "vision", "seed", "min_pixels", "max_pixels", "fps", "max_frames"}
-"""``[model]``: a checkpoint to start from or a fresh model's configs, the tokenizer, media budgets."""
-SOURCE_KEYS = {
-    "kind",
-    "path",
-    "size",
-    "split",
-    "seed",
-    "tasks",
-    "image_size_range",
-    "video_frames",
-    "thinking",
-    "grid",
-    "ratio",
+MODEL_TYPES: dict[str, Any] = {
+    "init_from": str,
+    "tokenizer": str,
+    "text": dict,
+    "vision": dict,
+    "seed": int,
+    "min_pixels": int,
+    "max_pixels": int,
+    "fps": float,
+    "max_frames": int,
 }
+MODEL_KEYS = set(MODEL_TYPES)
+"""``[model]``: a checkpoint to start from or a fresh model's configs, the tokenizer, media budgets."""
+SOURCE_TYPES: dict[str, Any] = {
+    "kind": Literal["synthetic", "jsonl"],
+    "path": str,
+    "size": int,
+    "split": str,
+    "seed": int,
+    "tasks": list[str],
+    "image_size_range": tuple[int, int],
+    "video_frames": tuple[int, int],
+    "thinking": float,
+    "grid": int,
+    "ratio": float,
+}
+SOURCE_KEYS = set(SOURCE_TYPES)
 """Keys of one data source (``[data]`` itself or ``[data.sources.NAME]``)."""
-DATA_KEYS = (SOURCE_KEYS - {"ratio"}) | {"sources", "policy", "overlong", "shuffle_buffer"}
+DATA_TYPES: dict[str, Any] = {
+    **{k: v for k, v in SOURCE_TYPES.items() if k != "ratio"},
+    "sources": dict,
+    "policy": Literal["fail", "skip"],
+    "overlong": Literal["drop", "truncate"],
+    "shuffle_buffer": int,
+}
+DATA_KEYS = set(DATA_TYPES)
 
 
-def check_keys(where: str, given: Mapping[str, Any], known: set[str]) -> None:
-    """Raise a ``ValueError`` naming every key of ``given`` outside ``known`` (and listing the known ones)."""
-    bad = sorted(set(given) - known)
+def check_keys(where: str, given: Mapping[str, Any], known: set[str] | Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` naming every key of ``given`` outside ``known`` (and listing the known ones).
+
+    With ``known`` a mapping of key -> type, a value of another type is an error naming the key too.
+    """
+    bad = sorted(set(given) - set(known))
     if bad:
         raise ValueError(f"unknown keys {bad} in {where}; known keys are {sorted(known)}")
+    if isinstance(known, Mapping):
+        for key, value in given.items():
+            problem = type_problem(known[key], value)
+            if problem is not None:
+                raise ValueError(f"{where} key {key!r} must be {problem}, got {value!r}")
 
 
 def _recipe_folders(package: str) -> list[Any]:
@@ -125,11 +152,11 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str]) -> dict[st
 def check_recipe(recipe: Mapping[str, Any]) -> None:
     """Reject unknown keys anywhere in a ``vl-train`` recipe (``[train]`` / ``[optim]`` are checked by their configs)."""
     check_keys("the recipe", recipe, TOP_KEYS)
-    check_keys("[model]", recipe.get("model", {}), MODEL_KEYS)
+    check_keys("[model]", recipe.get("model", {}), MODEL_TYPES)
     data = recipe.get("data", {})
-    check_keys("[data]", data, DATA_KEYS)
+    check_keys("[data]", data, DATA_TYPES)
     for name, source in dict(data.get("sources", {})).items():
-        check_keys(f"[data.sources.{name}]", source, SOURCE_KEYS)
+        check_keys(f"[data.sources.{name}]", source, SOURCE_TYPES)
     mixed = sorted(k for k in data if k in SOURCE_KEYS and k != "seed") if "sources" in data else []
     if mixed:
         raise ValueError(f"[data] keys {mixed} describe a single source but [data.sources] is given: move them there")

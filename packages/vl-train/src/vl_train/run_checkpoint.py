@@ -33,6 +33,7 @@ from .checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     Checkpoint,
+    checkpoint_problem,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -70,7 +71,8 @@ class RunState:
         data_state: This rank's data iterator state (``None`` when the data has no ``state_dict``).
         metrics: The metrics records so far.
         extra: JSON-serialisable values for ``meta.json`` (e.g. the config).
-        keep_last: Older checkpoints beyond this many are deleted (0 keeps all).
+        keep_last: Older checkpoints of this run beyond this many are deleted (0 keeps all).
+        run_id: The run's id (recorded in ``meta.json``; pruning touches only this run's checkpoints).
     """
 
     step: int
@@ -78,6 +80,7 @@ class RunState:
     metrics: list[dict[str, Any]] | None = None
     extra: dict[str, Any] | None = None
     keep_last: int = 0
+    run_id: str | None = None
 
 
 def save_run_checkpoint(
@@ -103,6 +106,7 @@ def save_run_checkpoint(
             metrics=run.metrics,
             extra=run.extra,
             keep_last=run.keep_last,
+            run_id=run.run_id,
         )
     from torch.distributed.checkpoint import state_dict as dcp
 
@@ -127,6 +131,7 @@ def save_run_checkpoint(
             extra={**(run.extra or {}), "world_size": world_size()},
             keep_last=run.keep_last,
             extra_files=files,
+            run_id=run.run_id,
         )
     barrier()  # no rank goes on (or resumes) before the folder is in place
     return final
@@ -141,7 +146,8 @@ def load_run_checkpoint(
 
     Raises:
         FileNotFoundError: The folder is not a complete checkpoint, or has no data file for this rank.
-        ValueError: The checkpoint was written by a different number of ranks than the current run has.
+        ValueError: The checkpoint was written by a different number of ranks than the current run has, or a
+            file does not match its recorded checksum.
     """
     folder = Path(path)
     if world_size() == 1:
@@ -155,6 +161,9 @@ def load_run_checkpoint(
     for name in (META_FILE, MODEL_FILE, STATE_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a complete checkpoint: {name} is missing")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise ValueError(f"checkpoint {folder} is corrupted: {problem}")
     meta = json.loads((folder / META_FILE).read_text())
     saved_world = int(meta["extra"].get("world_size", 1))
     if saved_world != world_size():
@@ -174,5 +183,10 @@ def load_run_checkpoint(
     mine = torch.load(mine_file, map_location="cpu", weights_only=True)
     set_rng_state(mine["rng"])
     return Checkpoint(
-        path=folder, step=int(meta["step"]), data_state=mine["data"], metrics=meta["metrics"], extra=meta["extra"]
+        path=folder,
+        step=int(meta["step"]),
+        data_state=mine["data"],
+        metrics=meta["metrics"],
+        extra=meta["extra"],
+        run_id=meta.get("run_id"),
     )

@@ -61,11 +61,13 @@ class Trainer(TrainingLoop):
         eval_batches: Batches for a mean per-token loss at the end of the run.
         callbacks: ``callback(trainer, record)`` after every step (and its checkpoint); a truthy
             return value stops the run.
-        resume: ``True``: continue from the latest checkpoint in ``config.output_dir`` (if any); a
-            path: from that checkpoint (or the latest one inside that folder).
+        resume: ``True``: continue from the latest valid checkpoint in ``config.output_dir`` (if any);
+            a path: from that checkpoint (or the latest valid one inside that folder).
+        overwrite: Start afresh in an output folder that holds another run (deleting its checkpoints and
+            metrics); without it such a folder is an error.
 
     Raises:
-        OutputDirError: ``config.output_dir`` cannot be created or written (before any training).
+        OutputDirError: ``config.output_dir`` cannot be written or holds another run (before any training).
     """
 
     config: TrainConfig
@@ -79,11 +81,12 @@ class Trainer(TrainingLoop):
         eval_batches: Iterable[dict[str, Any]] | None = None,
         callbacks: Sequence[Callback] = (),
         resume: bool | str | os.PathLike[str] = False,
+        overwrite: bool = False,
     ) -> None:
         self.data = train_batches
         self._batches = iterate(train_batches)
         self.eval_batches = eval_batches
-        super().__init__(model, config, callbacks=callbacks, resume=resume)
+        super().__init__(model, config, callbacks=callbacks, resume=resume, overwrite=overwrite)
         forward: Any = model.forward_hidden
         self.loss = StepLoss(model, torch.compile(forward) if config.compile else forward, config, self._autocast)
 
@@ -102,8 +105,14 @@ class Trainer(TrainingLoop):
         load(state)
         self._batches = iterate(self.data)
 
+    def data_counts(self) -> dict[str, int]:
+        """What the data pipeline rendered, skipped, dropped and truncated so far (empty when it does not count)."""
+        stats = getattr(self.data, "stats", None)
+        return {str(k): int(v) for k, v in sorted(stats.counts.items())} if stats is not None else {}
+
     def finish(self, result: TrainResult) -> TrainResult:
-        """Adds the evaluation loss on ``eval_batches``."""
+        """Adds the data counts and the evaluation loss on ``eval_batches``."""
+        result.data_stats = self.data_counts()
         if self.eval_batches is not None:
             result.eval_loss = self.evaluate()
         return result
@@ -141,6 +150,14 @@ class Trainer(TrainingLoop):
                 for t, b in zip(targets, micro, strict=True)
             ]
         )
+        if not float(z) > 0:  # a loss of 0 would look like success: no token of the global batch is labelled
+            ids = [i for b in micro for row in b.get("sample_ids", []) for i in row]
+            named = f"samples {ids}" if ids else "its samples (batches without sample_ids)"
+            raise ValueError(
+                f"step {self.step + 1}: no labelled token in the global batch ({named}): every label is -100, so "
+                "there is nothing to learn; check that the assistant turns hold answers and that the chat template "
+                "marks them (vl_model.VLProcessor.render_conversation)"
+            )
         counted = self.loss.global_balance and len(micro) > 1
         if counted:  # global-batch MoE balance: every micro-batch's routing is counted before any loss
             self.loss.count_routing(micro)
@@ -187,6 +204,7 @@ class Trainer(TrainingLoop):
         }
         if self.loss.uses_moe:
             record["moe_aux_loss"] = float(aux_total)
+        record.update({f"data/{event}": count for event, count in self.data_counts().items()})
         return record
 
     @torch.no_grad()

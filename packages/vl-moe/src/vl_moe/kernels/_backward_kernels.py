@@ -6,10 +6,12 @@ per pair ``p = (t, j)`` of expert ``e`` with routing weight ``w_p``:
 - ``dh_p = w_p dY_t W_d[e]`` and ``dw_p = <h_p W_d[e]^T, dY_t> = <h_p, dY_t W_d[e]>``, then through
   SwiGLU: ``dg = dh * u * s * (1 + g (1 - s))`` with ``s = sigmoid(g)``, ``du = dh * silu(g)``
   (:func:`dh_swiglu_kernel`; ``dw`` is written as one partial sum per ``I`` tile and reduced
-  afterwards in a fixed order).
+  afterwards in a fixed order). This kernel and :func:`dx_scatter_kernel` run their (row block,
+  column tile) programs in grouped order, as the forward GEMMs do.
 - ``dW_d[e] = sum_p (w_p dY_t)^T h_p`` and ``dW_gu[e] = sum_p dgu_p^T x_t``: one program per
   (expert, output tile) loops over that expert's padded run of rows (:func:`dw_down_kernel`,
   :func:`dw_gate_up_kernel`); no atomics, so each weight gradient has one fixed summation order.
+  The grid is expert-major (an expert's tiles are consecutive programs, sharing its rows in L2).
 - ``dx_p = dgu_p W_gu[e]`` written to the pair's original row (:func:`dx_scatter_kernel`); the
   slots of a token are then summed in order by the forward's combine kernel.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vl_moe.kernels._common import mma
+from vl_moe.kernels._common import grouped_tile, mma
 
 __all__ = ["dh_swiglu_kernel", "dw_down_kernel", "dw_gate_up_kernel", "dx_scatter_kernel"]
 
@@ -41,6 +43,7 @@ def dh_swiglu_kernel(  # type: ignore[no-untyped-def]
     dgu_ptr,
     dwp_ptr,
     num_pairs,
+    num_blocks,
     top_k,
     H,
     I,
@@ -53,10 +56,12 @@ def dh_swiglu_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """``dgu [R, 2I]`` and the routing-weight partials ``dwp [P, num_n_tiles]`` (pair order) for one (row block, ``I`` tile)."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, num_n_tiles, GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
@@ -109,10 +114,17 @@ def dw_down_kernel(  # type: ignore[no-untyped-def]
     BLOCK_H: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
-    """``dW_d[e, h_tile, i_tile] = sum over e's rows of (w dY_t)^T h`` (``dW_d`` is ``[E, H, I]``, contiguous)."""
-    expert = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_i = tl.program_id(2).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    """``dW_d[e, h_tile, i_tile] = sum over e's rows of (w dY_t)^T h`` (``dW_d`` is ``[E, H, I]``, contiguous).
+
+    Expert-major 1-D grid: consecutive programs are the tiles of one expert, so they share that
+    expert's rows of ``dY`` and ``h`` through L2.
+    """
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(I, BLOCK_I)
+    tiles = tl.cdiv(H, BLOCK_H) * tiles_i
+    expert = (pid // tiles).to(tl.int64)
+    offs_h = ((pid % tiles) // tiles_i).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_i = ((pid % tiles) % tiles_i).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_h = offs_h < H
     mask_i = offs_i < I
     start = tl.load(expert_offsets_ptr + expert)
@@ -151,10 +163,16 @@ def dw_gate_up_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """``dW_gu[e, n_tile, h_tile] = sum over e's rows of dgu^T x_t`` (``dW_gu`` is ``[E, 2I, H]``, contiguous)."""
-    expert = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_h = tl.program_id(2).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """``dW_gu[e, n_tile, h_tile] = sum over e's rows of dgu^T x_t`` (``dW_gu`` is ``[E, 2I, H]``, contiguous).
+
+    Expert-major 1-D grid, like :func:`dw_down_kernel`.
+    """
+    pid = tl.program_id(0)
+    tiles_h = tl.cdiv(H, BLOCK_H)
+    tiles = tl.cdiv(2 * I, BLOCK_N) * tiles_h
+    expert = (pid // tiles).to(tl.int64)
+    offs_n = ((pid % tiles) // tiles_h).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = ((pid % tiles) % tiles_h).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_n = offs_n < 2 * I
     mask_h = offs_h < H
     start = tl.load(expert_offsets_ptr + expert)
@@ -184,6 +202,7 @@ def dx_scatter_kernel(  # type: ignore[no-untyped-def]
     block_expert_ptr,
     dxs_ptr,
     num_pairs,
+    num_blocks,
     H,
     I,
     sw_e,
@@ -194,10 +213,12 @@ def dx_scatter_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """``dxs[pair] = dgu_row W_gu[e]`` for one (row block, ``H`` tile); ``dxs`` is ``[P, H]``."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return

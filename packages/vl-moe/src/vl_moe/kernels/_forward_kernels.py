@@ -5,12 +5,14 @@ section 2) in the transformers 5.x layout: ``W_gu [E, 2I, H]`` (gate rows first,
 and ``W_d [E, H, I]``. Per routed pair ``p = (t, j)`` of expert ``e``:
 ``h_p = silu(x_t W_g[e]^T) * (x_t W_u[e]^T)`` and ``y_t = sum_j w_{t,j} h_p W_d[e]^T``.
 
-- :func:`gemm1_swiglu_kernel`: one program per (row block, ``I`` tile). The block's ``x`` rows
+- :func:`gemm1_swiglu_kernel`: one program per (row block, ``I`` tile), in grouped order
+  (:func:`~vl_moe.kernels._common.grouped_tile`: ``GROUP_M`` row blocks sweep all ``I`` tiles
+  together, so their gathered ``x`` rows are read from memory once, not once per tile). The block's ``x`` rows
   are gathered through the sorted pair index (``token = pair // k``; no permuted copy of ``x``
   is ever made); the gate and up tiles are accumulated together from one load of each ``x``
   tile, and ``h = silu(g) * u`` is written in sorted order (optionally ``g``/``u`` too, for
   the backward).
-- :func:`gemm2_scatter_kernel`: one program per (row block, ``H`` tile): ``h W_d^T``, times the
+- :func:`gemm2_scatter_kernel`: one program per (row block, ``H`` tile), grouped likewise: ``h W_d^T``, times the
   routing weight in the epilogue, written to the pair's original row of ``ys [P, H]``.
 - :func:`combine_kernel`: ``y_t = sum_j ys[t*k + j]`` in slot order with float32 accumulation
   (no atomics: the same bits for the same inputs).
@@ -27,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vl_moe.kernels._common import mma
+from vl_moe.kernels._common import grouped_tile, mma
 
 __all__ = ["combine_kernel", "gemm1_swiglu_kernel", "gemm2_scatter_kernel"]
 
@@ -41,6 +43,7 @@ def gemm1_swiglu_kernel(  # type: ignore[no-untyped-def]
     h_ptr,
     gu_ptr,
     num_pairs,
+    num_blocks,
     top_k,
     H,
     I,
@@ -55,10 +58,12 @@ def gemm1_swiglu_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """``h [R, I]`` (and ``gu [R, 2I]`` if ``STORE_GU``) for one (row block, ``I`` tile); ``R`` sorted rows."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
@@ -100,6 +105,7 @@ def gemm2_scatter_kernel(  # type: ignore[no-untyped-def]
     block_expert_ptr,
     ys_ptr,
     num_pairs,
+    num_blocks,
     H,
     I,
     sw_e,
@@ -110,10 +116,12 @@ def gemm2_scatter_kernel(  # type: ignore[no-untyped-def]
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """``ys[pair] = w_pair * h_row W_d[e]^T`` for one (row block, ``H`` tile); ``ys`` is ``[P, H]``."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
+    pid_m = pid_m.to(tl.int64)
+    pid_n = pid_n.to(tl.int64)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return

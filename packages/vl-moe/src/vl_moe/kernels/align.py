@@ -89,14 +89,17 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, vali
         The :class:`Alignment` (on ``topk_ids.device``).
 
     Raises:
-        ValueError: On a non 2-D or non-integer ``topk_ids``, an id outside ``[0, E)``, or a bad ``block_m``.
+        ValueError: On a non 2-D or non-integer ``topk_ids``, an id outside ``[0, E)``, a bad ``block_m``,
+            or CPU ids without Triton's interpreter.
     """
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a positive power of two, got {block_m}")
+    kern = _kernels()
+    from vl_moe.kernels import _common
+
+    device = _common.check_device("align_tokens", topk_ids)
     if validate:
         check_topk_ids(topk_ids, num_experts)
-    kern = _kernels()
-    device = topk_ids.device
     num_tokens, top_k = topk_ids.shape
     num_pairs = num_tokens * top_k
     ids = topk_ids.reshape(-1).contiguous()
@@ -113,11 +116,12 @@ def align_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, vali
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     sorted_ids = torch.full((num_blocks * block_m,), num_pairs, dtype=torch.int64, device=device)
 
-    kern.histogram_kernel[(num_chunks,)](ids, counts, num_pairs, CHUNK=chunk, E_BLOCK=e_block, **opts)
-    kern.offsets_kernel[(1,)](
-        counts, bases, expert_offsets, block_expert, num_chunks, num_experts, num_blocks,
-        BLOCK_M=block_m, E_BLOCK=e_block, BLOCK_C=_BLOCK_C, BLOCK_B=_BLOCK_B, **opts,
-    )  # fmt: skip
-    if num_pairs:
-        kern.scatter_kernel[(num_chunks,)](ids, bases, sorted_ids, num_pairs, CHUNK=chunk, E_BLOCK=e_block, **opts)
+    with _common.on_device(device):
+        kern.histogram_kernel[(num_chunks,)](ids, counts, num_pairs, CHUNK=chunk, E_BLOCK=e_block, **opts)
+        kern.offsets_kernel[(1,)](
+            counts, bases, expert_offsets, block_expert, num_chunks, num_experts, num_blocks,
+            BLOCK_M=block_m, E_BLOCK=e_block, BLOCK_C=_BLOCK_C, BLOCK_B=_BLOCK_B, **opts,
+        )  # fmt: skip
+        if num_pairs:
+            kern.scatter_kernel[(num_chunks,)](ids, bases, sorted_ids, num_pairs, CHUNK=chunk, E_BLOCK=e_block, **opts)
     return Alignment(sorted_ids, block_expert, expert_offsets, num_pairs, top_k, block_m)

@@ -1,21 +1,35 @@
-"""Tile sizes of the Triton MoE kernels, picked by a small heuristic (no autotuning).
+"""Tile sizes of the Triton MoE kernels: a tuned table where one exists, a rule otherwise (no autotuning).
 
 The grouped GEMMs tile the expert-sorted rows in ``BLOCK_M`` row blocks (the alignment pads
 each expert's run to a multiple of ``BLOCK_M``), so ``BLOCK_M`` follows the expected rows per
-expert: decode and small batches use 16-row blocks (little padding waste), large batches use
-64-row blocks (more reuse of each weight tile). ``BLOCK_N``/``BLOCK_K`` are Hopper-sized on
-CUDA and small under Triton's CPU interpreter, where every program is run in Python and
-fewer, larger tiles only cost masked work. The config is fixed per call, so results are
-bitwise reproducible: no autotuner picks a different reduction order between runs.
+expert: 16-row blocks for small batches (little padding waste), 32 and 64 in between, 128 once
+an expert gets 128 rows or more (the 30B-A3B layer from 2K tokens: each weight tile is then
+reused by twice the rows of a 64-row block). Batches of at most :data:`DECODE_MAX_PAIRS` routed
+pairs run inference on the two-launch decode path instead (``decode=True``). float32 inputs
+(exact products on the CUDA cores) and widths that are no multiple of 16 (element-wise loads)
+get narrower tiles, which keep them free of register spills. Under Triton's CPU interpreter
+every program runs in Python, so the tiles are small there.
 
-Notation: ``P`` (token, slot) pairs, ``E`` experts.
+Where :mod:`vl_moe.kernels.table` holds a table tuned on the GPU at hand for the layer's shape
+(written by ``python -m vl_moe.kernels.tune``, vLLM's approach), the entry tuned for the nearest
+token count wins over the rule. The config is fixed per call, so results are bitwise
+reproducible: no autotuner picks a different reduction order between runs.
+
+Notation: ``P`` (token, slot) pairs, ``E`` experts, ``T`` tokens, ``k`` slots per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["KernelConfig", "fit", "pick_config"]
+import torch
+
+__all__ = ["DECODE_MAX_PAIRS", "KernelConfig", "fit", "pick_config"]
+
+DECODE_MAX_PAIRS = 64
+"""Inference batches with at most this many routed pairs take the decode path (e.g. 8 tokens at top-8)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,10 +38,14 @@ class KernelConfig:
 
     Attributes:
         block_m: Rows (expert-sorted pairs) per tile; the alignment padding unit. Power of two >= 16.
-        block_n: Output columns per tile (capped at the next power of two of the output width).
+        block_n: Output columns per tile of the row-block GEMMs (capped at the next power of two of the
+            output width); the gate/up GEMM keeps two such accumulators. Also the GEMV tile of the decode path.
         block_k: Reduction step (capped at the next power of two of the reduction width).
         num_warps: Warps per program on CUDA.
         num_stages: Software-pipelining stages on CUDA.
+        group_m: Row blocks per group of the grouped (L2-friendly) program order; 1 = column-tile fastest.
+        block_dw: Output tile side of the weight-gradient kernels (default ``block_n``).
+        decode: Run inference (no gradient wanted) on the two-launch decode path, without the alignment.
     """
 
     block_m: int
@@ -35,33 +53,115 @@ class KernelConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 8
+    block_dw: int | None = None
+    decode: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_m", "block_n", "block_k", "block_dw"):
             value = getattr(self, name)
-            if value < 16 or value & (value - 1):
+            if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16 (the smallest tl.dot tile), got {value}")
+        if self.group_m < 1:
+            raise ValueError(f"group_m must be >= 1, got {self.group_m}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(
+                f"num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got {self.num_warps} and {self.num_stages}"
+            )
+
+    @property
+    def dw_tile(self) -> int:
+        """The weight-gradient kernels' output tile side."""
+        return self.block_n if self.block_dw is None else self.block_dw
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (the tuned tables' entry format)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any], *, where: str = "config") -> KernelConfig:
+        """A config from :meth:`to_dict`'s format; :class:`ValueError` naming ``where`` on unknown or missing keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(entry) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown KernelConfig keys {unknown} (known: {sorted(names)})")
+        try:
+            return cls(**entry)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
 
 
-def pick_config(num_pairs: int, num_experts: int, *, interpret: bool) -> KernelConfig:
-    """Choose tile sizes from the average rows per expert.
+def _rule(num_pairs: int, num_experts: int, *, train: bool, dtype: torch.dtype | None, aligned: bool) -> KernelConfig:
+    """The rule behind :func:`pick_config` (sizes checked spill-free for sm_90 and sm_100 by ``tests/gpu_compile``)."""
+    rows_per_expert = num_pairs / max(num_experts, 1)
+    if not train and num_pairs <= DECODE_MAX_PAIRS:
+        return KernelConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=3, decode=True)
+    if rows_per_expert <= 16:
+        cfg = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 64:
+        cfg = KernelConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    elif rows_per_expert < 128:
+        cfg = KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    else:
+        cfg = KernelConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, block_dw=128)
+    if dtype == torch.float32:
+        # Exact float32 products run on the CUDA cores (no tensor cores): large tiles only add registers
+        # (128-row weight-gradient tiles spill kilobytes) and shared memory, for no reuse the FMAs can use.
+        cfg = dataclasses.replace(
+            cfg,
+            block_m=min(cfg.block_m, 64),
+            block_n=min(cfg.block_n, 64),
+            block_k=min(cfg.block_k, 32),
+            block_dw=64,
+            num_warps=4,
+        )
+    if not aligned:
+        # Rows whose strides are no multiple of 16 elements load element by element, one 64-bit address
+        # per element: 128-wide tiles then spill. Narrow tiles keep the address tensors in registers.
+        cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, 32), block_k=min(cfg.block_k, 32), block_dw=64)
+    return cfg
+
+
+def pick_config(
+    num_pairs: int,
+    num_experts: int,
+    *,
+    interpret: bool,
+    train: bool = True,
+    hidden: int | None = None,
+    inter: int | None = None,
+    top_k: int | None = None,
+    dtype: torch.dtype | None = None,
+    device_name: str | None = None,
+) -> KernelConfig:
+    """Choose tile sizes: the tuned table's entry for this GPU and shape if there is one, else the rule.
 
     Args:
         num_pairs: ``P = T * k`` routed (token, slot) pairs.
         num_experts: ``E``.
-        interpret: Whether the kernels run in Triton's CPU interpreter.
+        interpret: Whether the kernels run in Triton's CPU interpreter (small fixed tiles).
+        train: Whether gradients will be wanted (the decode path is inference only).
+        hidden: ``H``; with ``inter``, ``top_k``, ``dtype`` and ``device_name``, selects a tuned table.
+        inter: ``I``.
+        top_k: ``k``.
+        dtype: The inputs' dtype.
+        device_name: ``torch.cuda.get_device_name()`` of the GPU the kernels run on.
 
     Returns:
         The config for every kernel of this forward and its backward.
     """
     if interpret:
-        return KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
-    rows_per_expert = num_pairs / max(num_experts, 1)
-    if rows_per_expert <= 16:
-        return KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        return KernelConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    return KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1, group_m=4)
+    if None not in (hidden, inter, top_k, dtype, device_name):
+        from vl_moe.kernels.table import lookup
+
+        assert hidden is not None and inter is not None and top_k is not None and dtype is not None
+        assert device_name is not None
+        tuned = lookup(device_name, num_experts, hidden, inter, top_k, dtype, num_tokens=num_pairs // top_k)
+        if tuned is not None and not (train and tuned.decode):
+            return tuned
+    aligned = all(width is None or width % 16 == 0 for width in (hidden, inter))
+    return _rule(num_pairs, num_experts, train=train, dtype=dtype, aligned=aligned)
 
 
 def fit(block: int, width: int) -> int:

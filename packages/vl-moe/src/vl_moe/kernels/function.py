@@ -19,6 +19,7 @@ Notation: ``T`` tokens, ``k`` slots per token, ``H`` hidden, ``I`` expert width,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -37,7 +38,6 @@ def _check(
     topk_ids: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    validate_ids: bool,
 ) -> None:
     """Raise :class:`ValueError` naming the mismatch (with both numbers) on any inconsistent input."""
     if x.ndim != 2:
@@ -74,13 +74,7 @@ def _check(
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but x has {num_tokens}")
     if topk_ids.shape[1] < 1:
         raise ValueError(f"top_k must be >= 1, got {topk_ids.shape[1]}")
-    devices = {t.device for t in (x, topk_weights, topk_ids, w_gate_up, w_down)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    if validate_ids:
-        check_topk_ids(topk_ids, num_experts)
-    else:
-        check_topk_ids(topk_ids[:0], num_experts)  # dtype / rank only, no host synchronisation
+    check_topk_ids(topk_ids[:0], num_experts)  # dtype / rank only; the range check (a sync) comes after the guard
 
 
 class _TritonMoEExperts(torch.autograd.Function):
@@ -146,7 +140,9 @@ def triton_moe_experts(
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``.
         w_gate_up: ``[E, 2I, H]`` gate rows (first ``I``) then up rows, in ``x.dtype``.
         w_down: ``[E, H, I]`` down projection, in ``x.dtype``.
-        config: Tile sizes; default :func:`~vl_moe.kernels.config.pick_config` from the routing size.
+        config: Tile sizes; default :func:`~vl_moe.kernels.config.pick_config`: the tuned table for this
+            GPU and shape if one exists, else a rule from the routing size. Inference with few routed
+            pairs (``config.decode``) runs the two-launch decode path.
         validate_ids: Check every id is in ``[0, E)`` (one host synchronisation; turn off only for
             trusted router output, e.g. in CUDA-graph-captured decode).
 
@@ -154,23 +150,41 @@ def triton_moe_experts(
         ``y [T, H]`` in ``x.dtype``; gradients flow to ``x``, ``topk_weights``, ``w_gate_up`` and ``w_down``.
 
     Raises:
-        ValueError: On inconsistent shapes, dtypes or devices, or an expert id outside ``[0, E)``.
+        ValueError: On inconsistent shapes, dtypes or devices, an expert id outside ``[0, E)``, or CPU
+            tensors without Triton's interpreter.
         ImportError: When Triton is not installed.
     """
     from vl_moe.kernels import HAS_TRITON
 
     if not HAS_TRITON:
         raise ImportError("triton_moe_experts needs Triton: `pip install vl-moe[triton]` (or use the torch backend)")
-    _check(x, topk_weights, topk_ids, w_gate_up, w_down, validate_ids)
-    from vl_moe.kernels import _launch
+    _check(x, topk_weights, topk_ids, w_gate_up, w_down)
+    from vl_moe.kernels import _common, _launch
 
-    if x.device.type == "cpu" and not _launch.INTERPRET:
-        raise ValueError(
-            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before vl_moe's kernels are first used "
-            "(or move the inputs to CUDA)"
-        )
-    if config is None:
-        config = pick_config(topk_ids.numel(), w_gate_up.shape[0], interpret=_launch.INTERPRET)
+    # The device guard before the id range check (which reads the ids on their device).
+    _common.check_device("triton_moe_experts", x, topk_weights, topk_ids, w_gate_up, w_down)
+    if validate_ids:
+        check_topk_ids(topk_ids, w_gate_up.shape[0])
     # Under no_grad `ctx.needs_input_grad` still reflects requires_grad, so decide here whether to keep g/u.
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w_gate_up, w_down))
+    if config is None:
+        config = pick_config(
+            topk_ids.numel(), w_gate_up.shape[0], interpret=_launch.INTERPRET, train=train, hidden=x.shape[1],
+            inter=w_down.shape[2], top_k=topk_ids.shape[1], dtype=x.dtype, device_name=_device_name(x.device),
+        )  # fmt: skip
+    if config.decode and not train:
+        weights = topk_weights.reshape(-1).contiguous()
+        return _launch.decode_forward(x, weights, topk_ids.reshape(-1).contiguous(), w_gate_up, w_down, config)
     return _TritonMoEExperts.apply(x, topk_weights, topk_ids, w_gate_up, w_down, config, train)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _device_name(device: torch.device) -> str | None:
+    """The GPU model (the tuned tables' key), ``None`` off CUDA; cached: a host call, no synchronisation."""
+    if device.type != "cuda":
+        return None
+    return _cuda_name(torch.cuda.current_device() if device.index is None else device.index)

@@ -1,8 +1,11 @@
 """Verifiable rewards for VLM RL: extraction, verifiers, penalties, judge, composition (REFERENCE.md section 5)."""
 
+from vl_rl.rewards._reasons import collect_reasons
 from vl_rl.rewards._timeout import RewardTimeoutError, call_with_timeout
+from vl_rl.rewards._worker import RewardWorkerError
 from vl_rl.rewards.compose import (
     CombinedReward,
+    Isolation,
     RewardFunction,
     SafeReward,
     TaskRouter,
@@ -43,10 +46,12 @@ from vl_rl.rewards.verifiers import (
 __all__ = [
     "DEFAULT_JUDGE_TEMPLATE",
     "CombinedReward",
+    "Isolation",
     "JudgeReward",
     "LRUCache",
     "RewardFunction",
     "RewardTimeoutError",
+    "RewardWorkerError",
     "SafeReward",
     "TaskRouter",
     "answer_region",
@@ -57,6 +62,7 @@ __all__ = [
     "choice_reward",
     "code_switching_penalty",
     "code_switching_reward",
+    "collect_reasons",
     "combine",
     "count_reward",
     "count_tool_calls",

@@ -4,8 +4,12 @@ Notation: an *expression* is the Python-syntax string produced by :func:`latex_t
 numbers, single-letter variables, ``pi``, ``e``, ``+ - * / **``, and the functions in ``FUNCTIONS``.
 
 Safety: inputs over ``MAX_CHARS`` characters or ``MAX_NODES`` AST nodes are refused; exponents are
-evaluated in floating point (overflow is an error, not a hang), and the optional sympy backend
-refuses exponents above ``MAX_EXPONENT`` in magnitude before building a power.
+evaluated in floating point (overflow is an error, not a hang). Before the optional sympy backend
+builds anything, :func:`check_sympy_size` bounds what sympy could be asked to expand: every exponent
+at most ``MAX_EXPONENT`` in magnitude, the degree (exponents multiply through nested powers, so
+``((x^9)^9)^9`` has degree 729) at most ``MAX_SYMPY_DEGREE``, the number of monomials a full
+expansion could have (``C(degree + variables, variables)``) at most ``MAX_SYMPY_TERMS``, and the size
+of every exact number (``9^99``, nested powers of it) at most ``MAX_SYMPY_BITS`` bits.
 """
 
 from __future__ import annotations
@@ -16,11 +20,24 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CONSTANTS", "FUNCTIONS", "ExprError", "eval_float", "free_names", "latex_to_expr", "parse_expr", "to_sympy"]
+__all__ = [
+    "CONSTANTS",
+    "FUNCTIONS",
+    "ExprError",
+    "check_sympy_size",
+    "eval_float",
+    "free_names",
+    "latex_to_expr",
+    "parse_expr",
+    "to_sympy",
+]
 
 MAX_CHARS = 300
 MAX_NODES = 200
 MAX_EXPONENT = 100.0
+MAX_SYMPY_DEGREE = 16
+MAX_SYMPY_BITS = 512
+MAX_SYMPY_TERMS = 2000
 FUNCTIONS: dict[str, Callable[[float], float]] = {
     "sqrt": math.sqrt,
     "sin": math.sin,
@@ -219,8 +236,52 @@ def _eval(node: ast.AST, env: dict[str, float]) -> Any:
     raise ExprError(f"cannot evaluate {type(node).__name__}")
 
 
+def _degree_and_bits(node: ast.AST) -> tuple[float, float]:
+    """Upper bounds of the polynomial degree and of the bits of the exact numbers a subtree builds."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return 0.0, math.log2(abs(float(node.value)) + 2.0)
+    if isinstance(node, ast.Name):
+        return (0.0, 2.0) if node.id in CONSTANTS else (1.0, 1.0)
+    if isinstance(node, ast.UnaryOp):
+        return _degree_and_bits(node.operand)
+    if isinstance(node, ast.Call):
+        return _degree_and_bits(node.args[0])
+    if isinstance(node, ast.BinOp):
+        (d_a, b_a), (d_b, b_b) = _degree_and_bits(node.left), _degree_and_bits(node.right)
+        if isinstance(node.op, ast.Add | ast.Sub):
+            return max(d_a, d_b), max(b_a, b_b) + 1.0
+        if isinstance(node.op, ast.Mult | ast.Div):
+            return d_a + d_b, b_a + b_b
+        if free_names(node.right):
+            raise ExprError("symbolic exponent refused")
+        exponent = abs(eval_float(node.right, {}))
+        if exponent > MAX_EXPONENT:
+            raise ExprError(f"exponent {exponent:g} above {MAX_EXPONENT:g} refused")
+        times = max(1.0, math.ceil(exponent))
+        return d_a * times, b_a * times
+    raise ExprError(f"cannot size {type(node).__name__}")
+
+
+def check_sympy_size(node: ast.AST) -> None:
+    """Refuses expressions that sympy could take unbounded time to build or simplify (see the module doc).
+
+    Raises:
+        ExprError: An exponent, degree, expansion or exact number above the bounds, or a symbolic exponent.
+    """
+    degree, bits = _degree_and_bits(node)
+    if degree > MAX_SYMPY_DEGREE:
+        raise ExprError(f"degree up to {degree:g}, above {MAX_SYMPY_DEGREE}: too large for sympy")
+    variables = len(free_names(node))
+    if math.comb(int(degree) + variables, variables) > MAX_SYMPY_TERMS:
+        raise ExprError(f"degree {degree:g} in {variables} variables could expand past {MAX_SYMPY_TERMS} terms")
+    if bits > MAX_SYMPY_BITS:
+        raise ExprError(f"exact numbers up to {bits:.0f} bits, above {MAX_SYMPY_BITS}: too large for sympy")
+
+
 def to_sympy(node: ast.AST, sympy: Any) -> Any:
     """Builds a sympy expression from a parsed AST (no string parsing, so no ``eval`` inside sympy).
+
+    Call :func:`check_sympy_size` first: this function bounds only each single exponent.
 
     Raises:
         ExprError: Unsupported node or an exponent above ``MAX_EXPONENT``.

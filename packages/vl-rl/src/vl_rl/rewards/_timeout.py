@@ -1,9 +1,11 @@
-"""Run a callable with a wall-clock timeout in a daemon thread (shared by ``compose`` and ``judge``).
+"""Run a callable with a wall-clock timeout in a daemon thread (the judge's model calls, ``isolation="thread"``).
 
 Python cannot kill a thread: a call that hangs past its timeout is abandoned, not stopped. The
 thread is a daemon so it never blocks interpreter exit, but it keeps its CPU time and memory until
-it returns on its own. Untrusted code (e.g. executing generated programs) must run in a subprocess
-with time and memory limits instead.
+it returns on its own. That suits calls that wait (a judge model on a GPU, a remote API), not
+CPU-bound Python work, which holds the GIL: :class:`~vl_rl.rewards.compose.SafeReward` runs rewards
+in a worker process that is killed on timeout (``_worker``). Untrusted code (e.g. executing generated
+programs) must run in a subprocess with time and memory limits.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ T = TypeVar("T")
 
 
 class RewardTimeoutError(TimeoutError):
-    """Raised when a reward call ran longer than its timeout (the worker thread is abandoned)."""
+    """A reward call ran longer than its timeout (its worker process was killed, or its thread abandoned)."""
 
 
 def call_with_timeout(fn: Callable[..., T], args: tuple[Any, ...], timeout_s: float | None) -> T:

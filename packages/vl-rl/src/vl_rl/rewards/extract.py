@@ -11,6 +11,12 @@ Several boxes: a response that boxes two *different* answers is hedging, so by d
 (``on_conflict="refuse"``) extraction returns ``None`` and the sample earns nothing; repeating the
 same answer in several boxes is accepted. ``on_conflict="last"`` / ``"first"`` pick one instead.
 
+Time is linear in the length of the response by construction (rewards run on untrusted text): every
+marker is found by one forward scan, at most ``MAX_BOXES + 1`` boxes are read (a response with more
+boxes than ``MAX_BOXES`` holds no single final answer and is refused whatever ``on_conflict`` says),
+and a box's content is cut at ``MAX_BOX_CHARS`` characters (a cut content ends in ``TRUNCATED`` and
+never equals a reference).
+
 An unclosed think block (a response truncated while thinking) has no answer region: ``None``.
 Answers written inside the think block never count.
 """
@@ -20,11 +26,29 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-__all__ = ["answer_region", "answer_text", "extract_answer", "find_boxed", "last_number", "normalize_answer"]
+from vl_rl.rewards._reasons import zero
+
+__all__ = [
+    "MAX_BOXES",
+    "MAX_BOX_CHARS",
+    "answer_region",
+    "answer_text",
+    "extract_answer",
+    "find_boxed",
+    "last_number",
+    "normalize_answer",
+]
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+MAX_BOXES = 64
+"""Most boxes a response may hold; more is refused (no single final answer)."""
+MAX_BOX_CHARS = 10_000
+"""Longest box content kept; a longer one is cut and marked with ``TRUNCATED``."""
+TRUNCATED = "\u2026[truncated]"
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)\b")
+_BRACE = re.compile(r"\\[{}]|[{}]")
+_TOKEN = re.compile(rf"[^\s$]{{1,{MAX_BOX_CHARS}}}")
 _MARKERS = ("<|begin_of_box|>", "<answer>")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?%?|[-+]?\.\d+%?")
 
@@ -52,39 +76,44 @@ def _brace_pairs(text: str) -> dict[int, int]:
     """Index of each ``{`` -> index of its closing ``}`` in one linear pass (escaped braces skipped)."""
     pairs: dict[int, int] = {}
     stack: list[int] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            i += 2
-            continue
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            pairs[stack.pop()] = i
-        i += 1
+    for m in _BRACE.finditer(text):
+        brace = m.group(0)
+        if brace == "{":
+            stack.append(m.start())
+        elif brace == "}" and stack:
+            pairs[stack.pop()] = m.start()
     return pairs
 
 
-def _tag_contents(text: str, open_tag: str, close_tag: str) -> list[tuple[int, str]]:
-    """``(start, content)`` of each ``open...close`` pair, left to right, in linear time."""
+def _clip(text: str, start: int, end: int) -> str:
+    """``text[start:end]`` stripped, cut at ``MAX_BOX_CHARS`` (then ending in ``TRUNCATED``)."""
+    if end - start > MAX_BOX_CHARS:
+        return text[start : start + MAX_BOX_CHARS].strip() + TRUNCATED
+    return text[start:end].strip()
+
+
+def _tag_contents(text: str, open_tag: str, close_tag: str, limit: int | None = None) -> list[tuple[int, str]]:
+    """``(start, content)`` of each ``open...close`` pair, left to right, in linear time (at most ``limit``)."""
     out: list[tuple[int, str]] = []
     pos = 0
-    while True:
+    while limit is None or len(out) < limit:
         start = text.find(open_tag, pos)
         if start < 0:
             return out
         end = text.find(close_tag, start + len(open_tag))
         if end < 0:  # no later close exists for any later open either
             return out
-        out.append((start, text[start + len(open_tag) : end].strip()))
+        out.append((start, _clip(text, start + len(open_tag), end)))
         pos = end + len(close_tag)
+    return out
 
 
 def find_boxed(text: str) -> list[str]:
-    """Contents of every ``\\boxed``/``\\fbox`` and ``<|begin_of_box|>`` box in order of appearance.
+    """Contents of the ``\\boxed``/``\\fbox`` and ``<|begin_of_box|>`` boxes in order of appearance.
 
     Unclosed boxes are skipped. ``\\boxed 5`` (no braces) yields the next whitespace-free token.
+    At most ``MAX_BOXES + 1`` boxes are returned, each cut at ``MAX_BOX_CHARS`` characters (see the
+    module docstring), so the time is linear in ``len(text)``.
 
     Args:
         text: Text to search.
@@ -92,23 +121,27 @@ def find_boxed(text: str) -> list[str]:
     Returns:
         The stripped box contents.
     """
+    limit = MAX_BOXES + 1
     found: list[tuple[int, str]] = []
     pairs = _brace_pairs(text) if "{" in text else {}
     for m in _BOX_CMD.finditer(text):
+        if len(found) == limit:
+            break
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
             end = pairs.get(i, -1)
             if end >= 0:
-                found.append((m.start(), text[i + 1 : end].strip()))
+                found.append((m.start(), _clip(text, i + 1, end)))
         else:
-            token = re.match(r"[^\s$]+", text[i:])
+            token = _TOKEN.match(text, i)
             if token:
-                found.append((m.start(), token.group(0).strip()))
-    found.extend(_tag_contents(text, "<|begin_of_box|>", "<|end_of_box|>"))
+                cut = token.end() < len(text) and _TOKEN.match(text, token.end()) is not None
+                found.append((m.start(), token.group(0).strip() + (TRUNCATED if cut else "")))
+    found.extend(_tag_contents(text, "<|begin_of_box|>", "<|end_of_box|>", limit))
     found.sort(key=lambda item: item[0])
-    return [content for _, content in found]
+    return [content for _, content in found[:limit]]
 
 
 def last_number(text: str) -> str | None:
@@ -129,8 +162,12 @@ def _pick(candidates: list[str], on_conflict: str) -> str | None:
     candidates = [c for c in candidates if c]
     if not candidates:
         return None
+    if len(candidates) > MAX_BOXES:
+        zero("too_many_boxes")
+        return None
     if len({normalize_answer(c) for c in candidates}) > 1:
         if on_conflict == "refuse":
+            zero("conflicting_answers")
             return None
         return candidates[0] if on_conflict == "first" else candidates[-1]
     return candidates[-1]
@@ -165,7 +202,7 @@ def extract_answer(
     boxes = find_boxed(region)
     if boxes:
         return _pick(boxes, on_conflict)
-    tagged = [content for _, content in _tag_contents(region, "<answer>", "</answer>")]
+    tagged = [content for _, content in _tag_contents(region, "<answer>", "</answer>", MAX_BOXES + 1)]
     if tagged:
         return _pick(tagged, on_conflict)
     if fallback_last_number:

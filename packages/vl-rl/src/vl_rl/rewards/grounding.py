@@ -10,7 +10,9 @@ Reward (``mode="share"``): matched boxes with IoU >= ``threshold`` divided by
 ``max(#pred, #ref)``, so spraying extra boxes lowers the score instead of raising it; a box over
 the whole image has a small IoU with a small object. ``mode="iou"`` uses the sum of matched IoUs in
 the numerator. Unparsable output, more than ``max_boxes`` predictions, or malformed boxes
-(x2 <= x1, NaN, outside ``[0, coord_max]``) give 0.
+(x2 <= x1, NaN, outside ``[0, coord_max]``) give 0; a coordinate beyond float range (a 400-digit
+integer) is malformed too (reason ``"number_out_of_range"``, see ``collect_reasons``), not an
+``OverflowError``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vl_rl.rewards._reasons import zero
 from vl_rl.rewards.extract import answer_text
 
 __all__ = ["Box", "box_iou", "grounding_reward", "grounding_score", "parse_boxes"]
@@ -43,7 +46,11 @@ def _as_box(value: Any, coord_max: float) -> Box | None:
         return None
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
         return None
-    x1, y1, x2, y2 = (float(v) for v in value)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in value)
+    except OverflowError:  # an int beyond float range
+        zero("number_out_of_range")
+        return None
     if not all(math.isfinite(v) and 0.0 <= v <= coord_max for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
         return None
     return (x1, y1, x2, y2)

@@ -7,10 +7,13 @@ GLM-4.5V and Qwen3-VL score math with "symbolic/numeric with tolerance" verifier
    (never ``eval``).
 2. Without variables: numbers are compared with ``|p - r| <= max(abs_tol, rel_tol * |r|)``; a
    percentage also matches its fraction (``50%`` == ``0.5`` == ``50``).
-3. With variables: sympy (if importable; built from our AST, not from a string) may prove
-   ``simplify(p - r) == 0``; otherwise both are evaluated at seeded random points in [0.5, 2.5]
-   (a polynomial-identity style test). Variables are positive in both backends, so
-   ``sqrt(x^2) == x``.
+3. With variables: both are evaluated at seeded random points in [0.5, 2.5] (a polynomial-identity
+   style test): equal at ``_NUM_POINTS`` points is equal, a difference beyond the tolerance at one
+   point is not. Only when too few points can be evaluated (domain errors, overflow) may sympy (if
+   importable; built from our AST, not from a string) prove ``simplify(p - r) == 0``, and only for
+   expressions within the size bounds of ``_expr.check_sympy_size`` (degree, exponents, exact
+   number sizes), so a verifier call never hands sympy an unbounded expansion. Variables are
+   positive in both backends, so ``sqrt(x^2) == x``.
 4. Tuples and intervals ``(1, 2]`` compare element-wise and must use the same brackets;
    ``x = 3`` drops the ``x =``.
 
@@ -27,7 +30,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from vl_rl.rewards._expr import ExprError, eval_float, free_names, latex_to_expr, parse_expr, to_sympy
+from vl_rl.rewards._expr import (
+    ExprError,
+    check_sympy_size,
+    eval_float,
+    free_names,
+    latex_to_expr,
+    parse_expr,
+    to_sympy,
+)
 from vl_rl.rewards.extract import extract_answer, normalize_answer
 
 __all__ = ["math_equal", "math_reward", "parse_number"]
@@ -103,21 +114,8 @@ def _close(a: float, b: float, rel_tol: float, abs_tol: float) -> bool:
     return abs(a - b) <= max(abs_tol, rel_tol * abs(b))
 
 
-def _trees_equal(pred: ast.expr, ref: ast.expr, rel_tol: float, abs_tol: float, use_sympy: bool) -> bool:
-    names = sorted(free_names(pred) | free_names(ref))
-    if not names:
-        try:
-            return _close(eval_float(pred, {}), eval_float(ref, {}), rel_tol, abs_tol)
-        except ExprError:
-            return False
-    sympy = _sympy() if use_sympy else None
-    if sympy is not None:
-        try:
-            if sympy.simplify(to_sympy(pred, sympy) - to_sympy(ref, sympy)) == 0:
-                return True
-        except (ExprError, TypeError, ValueError, ArithmeticError, AttributeError):
-            pass
-        # simplify can miss true identities, so a non-zero difference goes to the numeric test
+def _numeric_identity(pred: ast.expr, ref: ast.expr, names: list[str], rel_tol: float, abs_tol: float) -> bool | None:
+    """Equal at ``_NUM_POINTS`` random points (True), different at one (False), or too few evaluable (None)."""
     rng = random.Random(0)
     agreed = 0
     for _ in range(3 * _NUM_POINTS):
@@ -131,7 +129,31 @@ def _trees_equal(pred: ast.expr, ref: ast.expr, rel_tol: float, abs_tol: float, 
         agreed += 1
         if agreed == _NUM_POINTS:
             return True
-    return False
+    return None
+
+
+def _sympy_equal(pred: ast.expr, ref: ast.expr) -> bool:
+    sympy = _sympy()
+    if sympy is None:
+        return False
+    try:
+        check_sympy_size(ast.BinOp(left=pred, op=ast.Sub(), right=ref))
+        return bool(sympy.simplify(to_sympy(pred, sympy) - to_sympy(ref, sympy)) == 0)
+    except (ExprError, TypeError, ValueError, ArithmeticError, AttributeError, RecursionError):
+        return False
+
+
+def _trees_equal(pred: ast.expr, ref: ast.expr, rel_tol: float, abs_tol: float, use_sympy: bool) -> bool:
+    names = sorted(free_names(pred) | free_names(ref))
+    if not names:
+        try:
+            return _close(eval_float(pred, {}), eval_float(ref, {}), rel_tol, abs_tol)
+        except ExprError:
+            return False
+    numeric = _numeric_identity(pred, ref, names, rel_tol, abs_tol)
+    if numeric is not None:
+        return numeric
+    return use_sympy and _sympy_equal(pred, ref)
 
 
 def math_equal(

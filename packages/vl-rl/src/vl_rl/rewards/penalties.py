@@ -7,13 +7,15 @@
 - Code-switching (Qwen3-VL): letters of the response (think block included) written in a script
   other than the prompt's dominant script. Math and code are allowed: ``$...$``, ``\\[...\\]``,
   code spans and fences, LaTeX commands, and Latin/Greek/Cyrillic runs shorter than 3 letters
-  (variables, units such as "cm") are ignored.
+  (variables, units such as "cm") are ignored. The spans are found by one forward scan (linear
+  time: an unclosed ``\\[`` is not searched for again at every later ``\\[``).
 - DAPO soft overlong penalty (arXiv 2503.14476): with ``L = |y|``, ``Lmax`` and ``Lcache``:
   0 if ``L <= Lmax - Lcache``; ``((Lmax - Lcache) - L) / Lcache`` if ``L <= Lmax``; -1 beyond.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections import Counter
@@ -38,7 +40,11 @@ __all__ = [
 
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _WORD = re.compile(rf"[^\W{_CJK}]+|[{_CJK}]|[^\w\s]")
-_MATH_OR_CODE = re.compile(r"```.*?```|`[^`]*`|\$\$.*?\$\$|\$[^$]*\$|\\\[.*?\\\]|\\\(.*?\\\)|\\[A-Za-z]+", re.DOTALL)
+# (opener, closer) in the order they are tried at one position (a "```" without a closing "```" may
+# still open a `...` span); a LaTeX command without a closer is matched by _COMMAND instead.
+_SPANS = (("```", "```"), ("`", "`"), ("$$", "$$"), ("$", "$"), ("\\[", "\\]"), ("\\(", "\\)"))
+_SPAN_START = re.compile(r"[`$\\]")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
 _SCRIPT_RANGES = [
     ("cjk", 0x3400, 0x4DBF), ("cjk", 0x4E00, 0x9FFF), ("cjk", 0xF900, 0xFAFF), ("cjk", 0x3040, 0x30FF),
     ("hangul", 0xAC00, 0xD7AF), ("hangul", 0x1100, 0x11FF), ("cyrillic", 0x0400, 0x04FF),
@@ -102,6 +108,7 @@ def repetition_reward(prompt: str, response: str, sample: Mapping[str, Any], *, 
     return repetition_penalty(response, n=n)
 
 
+@functools.lru_cache(maxsize=8192)
 def script_of(ch: str) -> str | None:
     """The script of a letter (``"latin"``, ``"cjk"``, ``"cyrillic"``, ...), ``"other"``, or ``None`` for non-letters."""
     if not unicodedata.category(ch).startswith("L"):
@@ -113,10 +120,51 @@ def script_of(ch: str) -> str | None:
     return "other"
 
 
+class _NextFinder:
+    """``text.find(sub, start)`` for non-decreasing ``start``s, each part of ``text`` searched once per ``sub``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.known: dict[str, tuple[int, int]] = {}  # sub -> (searched from, found at or -1)
+
+    def find(self, sub: str, start: int) -> int:
+        searched, found = self.known.get(sub, (len(self.text) + 1, -1))
+        if searched <= start and (found < 0 or found >= start):
+            return found  # nothing between `searched` and `found`, so nothing between `start` and it
+        found = self.text.find(sub, start)
+        self.known[sub] = (start, found)
+        return found
+
+
+def _without_math_or_code(text: str) -> str:
+    """``text`` with math, code spans and LaTeX commands replaced by a space, in one linear pass."""
+    pieces: list[str] = []
+    finder = _NextFinder(text)
+    kept = pos = 0
+    while (m := _SPAN_START.search(text, pos)) is not None:
+        i = end = m.start()
+        for opener, closer in _SPANS:
+            if text.startswith(opener, i):
+                close = finder.find(closer, i + len(opener))
+                if close >= 0:
+                    end = close + len(closer)
+                    break
+        else:
+            command = _COMMAND.match(text, i)
+            end = command.end() if command else i
+        if end == i:
+            pos = i + 1
+            continue
+        pieces += [text[kept:i], " "]
+        kept = pos = end
+    pieces.append(text[kept:])
+    return "".join(pieces)
+
+
 def _script_counts(text: str) -> Counter[str]:
     counts: Counter[str] = Counter()
     run_script, run_len = None, 0
-    for ch in _MATH_OR_CODE.sub(" ", text) + " ":
+    for ch in _without_math_or_code(text) + " ":
         script = script_of(ch)
         if script == run_script and script is not None:
             run_len += 1

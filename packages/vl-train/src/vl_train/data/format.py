@@ -28,28 +28,34 @@ In a JSONL file (one sample per line) a media reference is a path relative to th
 ``data:<mime>;base64,<data>`` string; video frames are lists of such references. Loaded samples
 carry ``"_source"`` (``"file.jsonl:LINE"``) so that errors can name where a bad sample lives.
 
+Every malformed line (bytes that are not UTF-8, text that is not JSON, a JSON value that is not an
+object, nesting deeper than ``MAX_DEPTH``, a bad data URL, a malformed sample) is a one-line
+:class:`DataError` naming ``file:line`` and the field; :class:`JsonlDataset` raises it
+(``policy="fail"``) or skips the line and counts it in :class:`DataStats` (``policy="skip"``).
+
 Notation: "media" = images and video frames; "location" = where a sample came from.
 """
 
 from __future__ import annotations
 
-import base64
 import importlib
-import io
-import json
+import math
 import os
+import reprlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import PIL.Image
 
 from vl_vision.processing import open_image
 
+from ._jsonl import MAX_DEPTH, LineError, parse_line, resolve_media, write_jsonl
+
 __all__ = [
+    "MAX_DEPTH",
     "ROLES",
     "BadInputPolicy",
     "DataError",
@@ -69,15 +75,22 @@ ROLES = ("system", "user", "assistant")
 BadInputPolicy = Literal["fail", "skip"]
 """What to do with a sample whose media is missing or corrupt: raise, or skip it and count."""
 
-_DATA_URI = "data:"
+_REPR = reprlib.Repr()  # bounded reprs for error messages: a huge or deeply nested value stays short
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 3, 4, 40, 40
+
+
+def _short(value: Any) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class DataError(ValueError):
     """A bad sample; the message names the sample id and where it came from (``file:line``)."""
 
     def __init__(self, message: str, *, sample_id: str | None = None, location: str | None = None) -> None:
+        message = " ".join(message.splitlines())  # one line per error, whatever a decoder said
         where = f" at {location}" if location else ""
-        super().__init__(f"sample {sample_id!r}{where}: {message}")
+        super().__init__(f"sample {_short(sample_id)}{where}: {message}")
         self.sample_id = sample_id
         self.location = location
         self.reason = message
@@ -103,7 +116,7 @@ class DataStats:
         self.counts[event] += 1
         if message is not None:
             kept = self.examples.setdefault(event, [])
-            if len(kept) < self.max_examples:
+            if len(kept) < self.max_examples and message not in kept:  # a cycling source repeats its samples
                 kept.append(message)
 
     def __getitem__(self, event: str) -> int:
@@ -145,6 +158,10 @@ def _fail(sample: Mapping[str, Any], message: str) -> DataError:
     return DataError(message, sample_id=None if sid is None else str(sid), location=sample_location(sample))
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def validate_sample(sample: Any) -> dict[str, Any]:
     """Check a sample's structure (not its media) and return it.
 
@@ -172,7 +189,7 @@ def validate_sample(sample: Any) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             role = message.get("role") if isinstance(message, dict) else message
-            raise _fail(sample, f"message {i} has role {role!r}; expected one of {ROLES}")
+            raise _fail(sample, f"message {i} has role {_short(role)}; expected one of {ROLES}")
         content = message.get("content")
         if isinstance(content, str):
             continue
@@ -181,13 +198,16 @@ def validate_sample(sample: Any) -> dict[str, Any]:
         for j, item in enumerate(content):
             kind = item.get("type") if isinstance(item, dict) else None
             if kind not in ("text", "image", "video") or kind not in item:
-                raise _fail(sample, f"message {i} item {j} must be a text, image or video item, got {item!r:.80}")
+                raise _fail(sample, f"message {i} item {j} must be a text, image or video item, got {_short(item)}")
             if kind == "text" and not isinstance(item["text"], str):
                 raise _fail(sample, f"message {i} item {j}: 'text' must be a string")
             if kind != "text" and message["role"] != "user":
                 raise _fail(sample, f"message {i}: only user messages may hold images or videos")
-            if kind == "video" and item.get("fps") is not None and not float(item["fps"]) > 0:
-                raise _fail(sample, f"message {i} item {j}: video fps must be > 0, got {item['fps']}")
+            if kind == "video" and item.get("fps") is not None and not _positive_number(item["fps"]):
+                raise _fail(
+                    sample,
+                    f"message {i} item {j}: 'fps' must be a positive finite number, got {_short(item['fps'])}",
+                )
     if not any(m["role"] == "assistant" for m in messages):
         raise _fail(sample, "no assistant message: nothing to train on")
     return sample
@@ -233,70 +253,81 @@ def load_video(source: Any, sample: Mapping[str, Any], what: str = "video") -> A
 # ---------------------------------------------------------------------------- JSONL
 
 
-def _decode_ref(value: Any, base: Path) -> Any:
-    """A JSONL media reference -> bytes (base64 data URI) or an absolute path."""
-    if isinstance(value, str):
-        if value.startswith(_DATA_URI):
-            return base64.b64decode(value.split(",", 1)[1], validate=False)
-        path = Path(value)
-        return str(path if path.is_absolute() else base / path)
-    return value
-
-
-def _resolve_media(sample: dict[str, Any], base: Path) -> dict[str, Any]:
-    for message in sample.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for item in content:
-            if not isinstance(item, dict):
-                continue
-            if isinstance(item.get("image"), str):
-                item["image"] = _decode_ref(item["image"], base)
-            video = item.get("video")
-            if isinstance(video, list):
-                item["video"] = [_decode_ref(v, base) for v in video]
-            elif isinstance(video, str):
-                item["video"] = _decode_ref(video, base)
-    return sample
-
-
 class JsonlDataset:
     """A JSONL file of samples, read lazily line by line (a streaming, re-iterable source).
 
     Args:
         path: The ``.jsonl`` file.
         validate: Check each sample's structure while reading.
+        policy: What a malformed line does (not UTF-8, not a JSON object, nested deeper than
+            ``MAX_DEPTH``, a bad data URL, or with ``validate`` a malformed sample): ``"fail"``
+            raises its :class:`DataError`; ``"skip"`` leaves it out and counts it in ``stats``
+            (``"skipped_bad_line"``, or ``"skipped_invalid"`` for a malformed sample).
+        stats: Where skipped lines are counted (a new :class:`DataStats` when None); pass the
+            renderer's to see every event of a pipeline in one place.
 
     Iterating yields sample dicts with media paths made absolute, base64 media decoded to bytes and
     ``"_source"`` set to ``"path:LINE"``. Blank lines are ignored.
 
     Raises:
         FileNotFoundError: The file does not exist (at construction).
-        DataError: A line that is not JSON, or (``validate``) a malformed sample.
+        ValueError: An unknown ``policy``.
+        DataError: With ``policy="fail"``, a malformed line: one line naming ``file:line``, the
+            sample id when known, the field and the problem.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, validate: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        validate: bool = True,
+        policy: BadInputPolicy = "fail",
+        stats: DataStats | None = None,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such JSONL file: {str(self.path)!r}")
+        if policy not in ("fail", "skip"):
+            raise ValueError(f"policy must be 'fail' or 'skip', got {policy!r}")
         self.validate = validate
+        self.policy: BadInputPolicy = policy
+        self.stats = stats if stats is not None else DataStats()
+
+    def _line(self, raw: bytes, number: int) -> dict[str, Any] | None:
+        location = f"{self.path}:{number}"
+        sample: dict[str, Any] | None = None
+        try:
+            sample = parse_line(raw, first=number == 1)
+            if sample is not None:
+                sample["_source"] = location
+                resolve_media(sample, self.path.parent)
+        except LineError as exc:
+            sid = sample.get("id") if sample is not None else None
+            raise DataError(str(exc), sample_id=sid if isinstance(sid, str) else None, location=location) from None
+        return sample
+
+    def _bad(self, event: str, exc: DataError) -> None:
+        if self.policy == "fail":
+            raise exc
+        self.stats.add(event, str(exc))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        base = self.path.parent
-        with self.path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                location = f"{self.path}:{number}"
+        with self.path.open("rb") as handle:  # bytes: a line that is not UTF-8 is that line's error
+            for number, raw in enumerate(handle, start=1):
                 try:
-                    sample = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"not valid JSON: {exc}", location=location) from exc
-                if isinstance(sample, dict):
-                    sample["_source"] = location
-                    _resolve_media(sample, base)
-                yield validate_sample(sample) if self.validate else sample
+                    sample = self._line(raw, number)
+                except DataError as exc:
+                    self._bad("skipped_bad_line", exc)
+                    continue
+                if sample is None:
+                    continue
+                if self.validate:
+                    try:
+                        validate_sample(sample)
+                    except DataError as exc:
+                        self._bad("skipped_invalid", exc)
+                        continue
+                yield sample
 
 
 class HFDataset:
@@ -330,63 +361,3 @@ class HFDataset:
             sample = dict(row)
             sample["_source"] = f"hf:{self.name}[{index}]"
             yield validate_sample(sample) if self.validate else sample
-
-
-def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> Any:
-    if not isinstance(value, str | bytes | bytearray | PIL.Image.Image | os.PathLike):
-        value = PIL.Image.fromarray(np.asarray(value))  # a frame given as an array
-    if isinstance(value, PIL.Image.Image):
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        value = buffer.getvalue()
-    if isinstance(value, bytes | bytearray):
-        if inline:
-            return "data:image/png;base64," + base64.b64encode(bytes(value)).decode("ascii")
-        name = f"{stem}.png"
-        (folder / name).write_bytes(bytes(value))
-        return name
-    return str(value)
-
-
-def write_jsonl(
-    samples: Iterable[Mapping[str, Any]], path: str | os.PathLike[str], *, inline_media: bool = False
-) -> Path:
-    """Write samples as JSONL; in-memory images become PNG files next to it (or base64 with ``inline_media``).
-
-    Args:
-        samples: Samples in this module's format (PIL images, bytes or path strings as media).
-        path: Output ``.jsonl`` file; media files go to ``<stem>_media/`` beside it.
-        inline_media: Embed media as base64 data URIs instead of writing files.
-
-    Returns:
-        The path written.
-    """
-    out = Path(path)
-    media = out.parent / f"{out.stem}_media"
-    if not inline_media:
-        media.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for n, sample in enumerate(samples):
-            row = {k: v for k, v in sample.items() if k != "_source"}
-            messages = []
-            for i, message in enumerate(row["messages"]):
-                content = message["content"]
-                if isinstance(content, list):
-                    items = []
-                    for j, item in enumerate(content):
-                        item = dict(item)
-                        stem = f"{n}_{i}_{j}"
-                        if "image" in item:
-                            ref = _encode_ref(item["image"], media, stem, inline_media)
-                            item["image"] = ref if inline_media else f"{media.name}/{ref}"
-                        if isinstance(item.get("video"), list):
-                            refs = [
-                                _encode_ref(f, media, f"{stem}_{k}", inline_media) for k, f in enumerate(item["video"])
-                            ]
-                            item["video"] = refs if inline_media else [f"{media.name}/{r}" for r in refs]
-                        items.append(item)
-                    content = items
-                messages.append({**message, "content": content})
-            row["messages"] = messages
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return out

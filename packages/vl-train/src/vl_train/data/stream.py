@@ -95,7 +95,7 @@ class PackedStream(Iterator[dict[str, torch.Tensor]]):
             self._ready.append(laid[at : at + self.rows_per_batch])
         self._buffer = [item for row in laid[full:] for item in row]
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> dict[str, Any]:
         while not self._ready:
             try:
                 while len(self._buffer) < self.buffer_size:
@@ -120,8 +120,16 @@ class PackedStream(Iterator[dict[str, torch.Tensor]]):
             for row in rows:
                 layout.append(list(range(at, at + len(row))))
                 at += len(row)
-            return pack_rows(samples, layout, self.max_length, pad_token_id=self.pad_token_id)
-        return collate([s for row in rows for _, s in row], pad_token_id=self.pad_token_id)
+            batch: dict[str, Any] = pack_rows(samples, layout, self.max_length, pad_token_id=self.pad_token_id)
+        else:
+            batch = collate([s for row in rows for _, s in row], pad_token_id=self.pad_token_id)
+        batch["sample_ids"] = [[s.sample_id for _, s in row] for row in rows]  # for error messages, not the model
+        return batch
+
+    @property
+    def stats(self) -> Any:
+        """The renderer's :class:`~vl_train.data.format.DataStats` (what was skipped, dropped, truncated)."""
+        return getattr(self.renderer, "stats", None)
 
     def _pending(self) -> list[int]:
         return [k for batch in self._ready for row in batch for k, _ in row] + [k for k, _ in self._buffer]
@@ -137,6 +145,7 @@ class PackedStream(Iterator[dict[str, torch.Tensor]]):
             "mixture": self._snapshots[start] if pending else self.mixture.state_dict(),
             "ready": [[[k for k, _ in row] for row in batch] for batch in self._ready],
             "buffer": [k for k, _ in self._buffer],
+            "stats": self.stats.state_dict() if self.stats is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -167,3 +176,5 @@ class PackedStream(Iterator[dict[str, torch.Tensor]]):
         self._ready = deque([[[take(int(k)) for k in row] for row in batch] for batch in state["ready"]])
         self._buffer = [take(int(k)) for k in state["buffer"]]
         self.batches = int(state["batches"])
+        if state.get("stats") is not None and self.stats is not None:  # the replay above counted its draws again
+            self.stats.load_state_dict(state["stats"])

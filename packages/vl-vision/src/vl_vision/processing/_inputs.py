@@ -7,6 +7,20 @@ with transparency is composited onto white, CMYK / palette / grey pictures go th
 ``convert("RGB")``. Files and bytes are decoded completely (a truncated file is an error, not a
 partly grey picture) and EXIF orientation is applied.
 
+Every Pillow mode is handled (each has a test). Value ranges of the modes that are not 8-bit:
+
+- ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``: 16-bit, ``0..65535``, mapped by ``high_bit_depth``.
+- ``I`` (32-bit integers) and ``F`` (32-bit floats) carry no range of their own; the smallest of
+  ``[0, 1]`` (``F`` only: the float convention, as for float arrays), ``[0, 255]`` (what Pillow's
+  ``convert("I")`` / ``convert("F")`` of an 8-bit picture give) and ``[0, 65535]`` (16-bit data,
+  mapped by ``high_bit_depth``) that holds every value is taken as the range. NaN, infinite,
+  negative or larger values are a ``ValueError`` naming the image.
+
+Transparency: an alpha band (``RGBA``, ``LA``, ``PA``), a premultiplied one (``RGBa``, ``La``) or
+a transparency key (``P``, ``L``, ``RGB``, ``1``, ``I``, ``I;16``... with ``info["transparency"]``)
+is composited onto white, so a fully transparent picture is white whatever its colour values.
+``LAB``'s ``A`` band is a colour axis, not alpha.
+
 Notation: ``H, W`` height and width; ``C`` channels; arrays are ``[H, W, C]`` (numpy) or
 ``[C, H, W]`` (torch) unless stated.
 """
@@ -14,7 +28,9 @@ Notation: ``H, W`` height and width; ``C`` channels; arrays are ``[H, W, C]`` (n
 from __future__ import annotations
 
 import io
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Literal, TypeAlias
 
@@ -31,6 +47,10 @@ HighBitDepth: TypeAlias = Literal["scale", "clip"]
 
 _VALID_CHANNELS = (1, 3, 4)
 _EXIF_ORIENTATION = 0x0112
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+# What a corrupt or truncated file can raise while Pillow identifies or decodes it.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
 
 
 def open_image(source: str | os.PathLike[str] | bytes, *, name: str = "image") -> PIL.Image.Image:
@@ -62,9 +82,13 @@ def open_image(source: str | os.PathLike[str] | bytes, *, name: str = "image") -
         image = PIL.Image.open(io.BytesIO(data))
     except PIL.UnidentifiedImageError as exc:
         raise ValueError(f"{where} is not a recognised image file (Pillow cannot identify its format)") from exc
+    except PIL.Image.DecompressionBombError as exc:
+        raise ValueError(f"{where} is too large to decode safely: {exc}") from exc
+    except _DECODE_ERRORS as exc:  # a known header followed by junk fails while the header is parsed
+        raise ValueError(f"{where} could not be decoded, the data is truncated or corrupt: {exc}") from exc
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except _DECODE_ERRORS as exc:
         fmt = image.format or "image"
         raise ValueError(f"{where} could not be decoded, the {fmt} data is truncated or corrupt: {exc}") from exc
     return image
@@ -72,42 +96,80 @@ def open_image(source: str | os.PathLike[str] | bytes, *, name: str = "image") -
 
 def _apply_exif_orientation(image: PIL.Image.Image) -> PIL.Image.Image:
     # Checking the tag first avoids the copy `exif_transpose` makes even for upright pictures.
-    if image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODE_ERRORS:  # unreadable EXIF: the pixels are still good, keep them as stored
+        return image
+    if orientation in (0, 1):
         return image
     return PIL.ImageOps.exif_transpose(image)
 
 
-def _sixteen_bit_to_l(image: PIL.Image.Image, high_bit_depth: HighBitDepth) -> PIL.Image.Image:
-    if high_bit_depth == "clip":
-        return image.convert("L")
-    values = np.asarray(image).astype(np.float32)
-    if image.mode == "F":
-        values = values * 255.0 if values.size and values.max() <= 1.0 else values
-        return PIL.Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    return PIL.Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+def _value_range(values: np.ndarray, mode: str, name: str) -> float:
+    """The top of the range the values of an ``I*`` / ``F`` picture are read in (see the module docstring)."""
+    if values.size == 0:
+        raise ValueError(f"{name}: image size must be positive")
+    lo, hi = float(values.min()), float(values.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name}: mode {mode} picture has NaN or infinite values")
+    if lo < 0.0 or hi > 65535.0:
+        raise ValueError(f"{name}: mode {mode} values must lie in [0, 65535], got min {lo:g} and max {hi:g}")
+    if mode.startswith("I;16"):
+        return 65535.0
+    if mode == "F" and hi <= 1.0:
+        return 1.0
+    return 255.0 if hi <= 255.0 else 65535.0
 
 
-def pil_to_rgb(image: PIL.Image.Image, *, high_bit_depth: HighBitDepth = "scale") -> PIL.Image.Image:
+def _high_depth_to_rgb(image: PIL.Image.Image, high_bit_depth: HighBitDepth, name: str) -> PIL.Image.Image:
+    """An ``I;16*`` / ``I`` / ``F`` picture as 8-bit RGB, its transparency key composited onto white."""
+    values = np.asarray(image).astype(np.float64)
+    top = _value_range(values, image.mode, name)
+    if top == 1.0:
+        grey = values * 255.0
+    elif top == 255.0:
+        grey = values
+    else:
+        grey = np.minimum(values, 255.0) if high_bit_depth == "clip" else values / 257.0
+    rgb = np.repeat(np.rint(grey).astype(np.uint8)[:, :, None], 3, axis=2)
+    key = image.info.get("transparency")
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        rgb[values == key] = 255
+    return PIL.Image.fromarray(rgb)
+
+
+def pil_to_rgb(
+    image: PIL.Image.Image, *, high_bit_depth: HighBitDepth = "scale", name: str = "image"
+) -> PIL.Image.Image:
     """Convert a PIL image of any mode to RGB the way transformers' PIL backend does.
 
-    EXIF orientation is applied first. Pictures with an alpha band or a transparency key are
-    composited onto white; 16-bit and 32-bit grey pictures (``I;16``, ``I``, ``F``) are first mapped
-    to 8-bit according to ``high_bit_depth``; every other mode uses Pillow's ``convert("RGB")``.
+    EXIF orientation is applied first. Pictures with an alpha band (premultiplied or not) or a
+    transparency key are composited onto white; 16-bit and 32-bit grey pictures (``I;16``, ``I``,
+    ``F``) are mapped to 8-bit as the module docstring says; every other mode uses Pillow's
+    ``convert("RGB")``.
 
     Args:
         image: The input picture.
         high_bit_depth: ``"scale"`` (default) maps 16-bit values 0..65535 to 0..255 (``round(v / 257)``);
             ``"clip"`` keeps the values and clips them at 255, as Pillow's ``convert`` and therefore
             transformers do.
+        name: How the input is called in error messages.
 
     Returns:
         An RGB image (the input object itself when it already is RGB without EXIF rotation).
+
+    Raises:
+        ValueError: An ``I`` / ``F`` picture with NaN, infinite, negative or too large values.
     """
     image = _apply_exif_orientation(image)
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        image = _sixteen_bit_to_l(image, high_bit_depth)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
+    if image.mode in _HIGH_DEPTH_MODES:
+        return _high_depth_to_rgb(image, high_bit_depth, name)
+    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode == "1" and image.info.get("transparency") is not None:
+        image = image.convert("L")  # Pillow's 1 -> RGBA ignores the key; L -> RGBA applies it
+    if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")  # RGBa is un-premultiplied here; keys become alpha 0
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -217,11 +279,15 @@ def to_rgb_image(image: ImageInput, *, high_bit_depth: HighBitDepth = "scale", n
     if isinstance(image, PIL.Image.Image):
         if image.width < 1 or image.height < 1:
             raise ValueError(f"{name}: image size must be positive, got height={image.height} and width={image.width}")
-        return pil_to_rgb(image, high_bit_depth=high_bit_depth)
+        try:  # a lazily opened picture decodes here, so its truncation is reported here
+            image.load()
+        except _DECODE_ERRORS as exc:
+            raise ValueError(f"{name}: the {image.format or 'image'} data is truncated or corrupt: {exc}") from exc
+        return pil_to_rgb(image, high_bit_depth=high_bit_depth, name=name)
     if isinstance(image, np.ndarray | torch.Tensor):
         return PIL.Image.fromarray(array_to_rgb(image, high_bit_depth=high_bit_depth, name=name))
     if isinstance(image, str | os.PathLike | bytes | bytearray | memoryview):
-        return pil_to_rgb(open_image(image, name=name), high_bit_depth=high_bit_depth)
+        return pil_to_rgb(open_image(image, name=name), high_bit_depth=high_bit_depth, name=name)
     raise TypeError(
         f"{name}: unsupported input type {type(image).__name__}; expected a PIL image, numpy array, torch tensor, "
         "path or bytes"

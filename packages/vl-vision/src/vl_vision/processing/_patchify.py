@@ -13,6 +13,7 @@ Notation: ``F`` frames, ``T`` temporal patch size, ``P`` patch size, ``m`` merge
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,12 +34,15 @@ def normalization(
         ``(scale, bias)``, each float32 ``[C, 1, 1]``.
 
     Raises:
-        ValueError: Mean and std lengths differ or a std is not positive.
+        ValueError: Mean and std lengths differ, a mean is not finite or a std not positive and finite
+            (either would put NaN or infinity into every pixel value).
     """
     if len(image_mean) != len(image_std):
         raise ValueError(f"image_mean has {len(image_mean)} entries but image_std has {len(image_std)}")
-    if any(s <= 0 for s in image_std):
-        raise ValueError(f"image_std entries must be positive, got {tuple(image_std)}")
+    if not all(math.isfinite(s) and s > 0 for s in image_std):
+        raise ValueError(f"image_std entries must be positive and finite, got {tuple(image_std)}")
+    if not all(math.isfinite(m) for m in image_mean):
+        raise ValueError(f"image_mean entries must be finite, got {tuple(image_mean)}")
     mean = np.asarray(image_mean, dtype=np.float64)
     std = np.asarray(image_std, dtype=np.float64)
     scale = (rescale / std).astype(np.float32).reshape(-1, 1, 1)

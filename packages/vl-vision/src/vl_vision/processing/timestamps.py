@@ -12,13 +12,31 @@ Notation: ``n`` sampled frames; ``T`` temporal patch size; ``t`` a time in secon
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
 TimestampStyle: TypeAlias = Literal["seconds", "hms"]
 """``"seconds"``: ``<3.5 seconds>`` (Qwen3-VL's processor); ``"hms"``: ``<00:00:03.5>``."""
+
+
+def check_rate(value: Any, what: str) -> float:
+    """``value`` as a float when it is a positive, finite real number (not a string or a bool).
+
+    Raises:
+        ValueError: Anything else, named by ``what`` (e.g. ``"video 0: video_fps"``).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r} ({type(value).__name__})")
+    rate = float(value)
+    if not math.isfinite(rate):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    if rate <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return rate
 
 
 def sample_frame_indices(
@@ -35,7 +53,7 @@ def sample_frame_indices(
     With ``fps``: ``n = int(total_frames / video_fps * fps)`` clamped to ``[min_frames, max_frames]``
     and then to ``total_frames``. With ``num_frames``: ``n = num_frames`` (at most
     ``total_frames``). The indices are ``round(linspace(0, total_frames - 1, n))`` (round half to
-    even, as numpy does), so the first and last frames are always kept.
+    even, as numpy does), so the first frame, and the last one when ``n >= 2``, are always kept.
 
     Args:
         total_frames: Frames in the source clip.
@@ -49,12 +67,12 @@ def sample_frame_indices(
         int64 ``[n]`` sorted frame indices.
 
     Raises:
-        ValueError: Non-positive frame count, fps or num_frames, or ``min_frames > max_frames``.
+        ValueError: Non-positive frame count or num_frames, an fps that is not a positive finite
+            number, or ``min_frames > max_frames``.
     """
     if total_frames < 1:
         raise ValueError(f"a video needs at least 1 frame, got total_frames={total_frames}")
-    if video_fps <= 0:
-        raise ValueError(f"video_fps must be positive, got {video_fps}")
+    video_fps = check_rate(video_fps, "video_fps")
     if min_frames > max_frames:
         raise ValueError(f"min_frames ({min_frames}) is larger than max_frames ({max_frames})")
     if num_frames is not None:
@@ -62,9 +80,7 @@ def sample_frame_indices(
             raise ValueError(f"num_frames must be positive, got {num_frames}")
         count = min(num_frames, total_frames)
     elif fps is not None:
-        if fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        count = int(total_frames / video_fps * fps)
+        count = int(total_frames / video_fps * check_rate(fps, "fps"))
         count = min(max(count, min_frames), max_frames, total_frames)
     else:
         count = min(max(total_frames, min_frames), max_frames, total_frames)
@@ -91,8 +107,7 @@ def patch_times(indices: Sequence[int], video_fps: float, temporal_patch_size: i
     Returns:
         One time per temporal patch, ``(idx[k*T] + idx[k*T + T - 1]) / (2 * video_fps)``.
     """
-    if video_fps <= 0:
-        raise ValueError(f"video_fps must be positive, got {video_fps}")
+    video_fps = check_rate(video_fps, "video_fps")
     padded = pad_indices(indices, temporal_patch_size)
     T = temporal_patch_size
     return [(padded[k] / video_fps + padded[k + T - 1] / video_fps) / 2 for k in range(0, len(padded), T)]
@@ -111,12 +126,14 @@ def format_timestamp(seconds: float, style: TimestampStyle = "seconds") -> str:
         The timestamp text.
 
     Raises:
-        ValueError: Negative time or unknown style.
+        ValueError: Negative, NaN or infinite time, or unknown style.
 
     Example:
         >>> format_timestamp(3.25), format_timestamp(3725.5, "hms")
         ('<3.2 seconds>', '<01:02:05.5>')
     """
+    if not math.isfinite(seconds):
+        raise ValueError(f"timestamps must be finite, got {seconds}")
     if seconds < 0:
         raise ValueError(f"timestamps must not be negative, got {seconds}")
     if style == "seconds":

@@ -31,7 +31,7 @@ from ._patchify import normalization, patchify_into
 from ._resize import smart_resize_video
 from ._video_io import read_video
 from .image import default_num_threads
-from .timestamps import TimestampStyle, format_timestamp, pad_indices, patch_times, sample_frame_indices
+from .timestamps import TimestampStyle, check_rate, format_timestamp, pad_indices, patch_times, sample_frame_indices
 
 __all__ = ["VideoBatch", "VideoInput", "VideoProcessor"]
 
@@ -42,6 +42,11 @@ VideoInput: TypeAlias = (
 
 DEFAULT_VIDEO_FPS = 24.0
 """Frame rate assumed for frame arrays given without ``video_fps`` (transformers does the same)."""
+
+
+def _is_frame(item: object) -> bool:
+    """A single picture: a PIL image, or a 2-D / 3-D array or tensor (a 4-D one is a whole video)."""
+    return isinstance(item, PIL.Image.Image) or (isinstance(item, np.ndarray | torch.Tensor) and item.ndim in (2, 3))
 
 
 class VideoBatch(TypedDict):
@@ -113,8 +118,7 @@ class VideoProcessor:
             raise ValueError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
         if min_frames > max_frames:
             raise ValueError(f"min_frames ({min_frames}) is larger than max_frames ({max_frames})")
-        if fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
+        fps = check_rate(fps, "fps")
         format_timestamp(0.0, timestamp_style)  # validates the style
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -249,10 +253,13 @@ class VideoProcessor:
 
         Args:
             videos: One video or a list of videos. A video is a ``uint8 [F, H, W, C]`` numpy array, an
-                ``[F, C, H, W]`` tensor, a list of frames (PIL images / arrays / tensors) or a path to a
-                video file (needs PyAV). A list of PIL images is read as one video.
-            video_fps: Frame rate of the source video(s), one value or one per video. Files use their
-                own rate when this is None; arrays then assume 24 fps (with a warning).
+                ``[F, C, H, W]`` tensor, a list of frames (PIL images, ``[H, W, C]`` / ``[H, W]``
+                arrays, ``[C, H, W]`` tensors) or a path to a video file (needs PyAV). A list whose
+                items are all single frames (PIL images, 2-D or 3-D arrays and tensors) is read as
+                one video; a list holding 4-D arrays, lists or paths is a batch of videos.
+            video_fps: Frame rate of the source video(s), one value or one per video (positive
+                finite numbers). Files use their own rate when this is None; arrays then assume 24
+                fps (with a warning).
             fps: Target sampling rate for this call (default: the processor's ``fps``).
             num_frames: Sample exactly this many frames instead of using a rate.
             do_sample_frames: False keeps every given frame (already sampled by the caller).
@@ -262,12 +269,21 @@ class VideoProcessor:
 
         Raises:
             ValueError: Empty video, frames of different sizes, wrong channel count, aspect ratio
-                above 200, unreadable file, or fps and num_frames both given.
+                above 200, unreadable file, fps and num_frames both given, or an fps / video_fps
+                that is not a positive finite number (``"30"``, NaN; named in the message).
         """
         batch = self._as_batch(videos)
-        rates = list(video_fps) if isinstance(video_fps, Sequence) else [video_fps] * len(batch)
+        if fps is not None:
+            fps = check_rate(fps, "fps")
+        if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int | np.integer)):
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        if isinstance(video_fps, np.ndarray):
+            video_fps = video_fps.tolist()
+        many = isinstance(video_fps, Sequence) and not isinstance(video_fps, str | bytes)
+        rates = list(video_fps) if many else [video_fps] * len(batch)  # type: ignore[arg-type]
         if len(rates) != len(batch):
             raise ValueError(f"got {len(rates)} video_fps values for {len(batch)} videos")
+        rates = [None if r is None else check_rate(r, f"video {i}: video_fps") for i, r in enumerate(rates)]
         workers = self.num_threads
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
         try:
@@ -309,7 +325,7 @@ class VideoProcessor:
         if isinstance(videos, Sequence):
             if len(videos) == 0:
                 raise ValueError("no videos given: expected at least one video")
-            if all(isinstance(v, PIL.Image.Image) for v in videos):
+            if all(_is_frame(v) for v in videos):
                 return [videos]  # type: ignore[list-item]  # a list of frames is one video
             return list(videos)  # type: ignore[arg-type]
         raise TypeError(f"unsupported videos type {type(videos).__name__}")
