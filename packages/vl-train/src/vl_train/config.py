@@ -224,6 +224,10 @@ class RunConfig:
         output_dir: Where checkpoints, metrics and plots go (checked writable before training).
         save_every: Write a checkpoint every this many steps (0: only at the end).
         keep_last: Checkpoints of this run kept on disk (0: all).
+        checkpoint_format: ``"full"``: rank 0 writes the gathered state (``model.safetensors``);
+            ``"sharded"``: every rank writes its own shards with ``torch.distributed.checkpoint`` (no gather;
+            resumable on another world size; :func:`vl_train.dcp_checkpoint.export_pretrained` writes the
+            Hugging Face checkpoint).
         tensorboard: Also write TensorBoard event files (needs ``tensorboard``).
         plot: Write a PNG of the run's curve at the end (needs ``matplotlib``).
         progress: Show a progress bar (quiet when stderr is not a terminal).
@@ -238,6 +242,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     save_every: int = 0
     keep_last: int = 2
+    checkpoint_format: Literal["full", "sharded"] = "full"
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
@@ -254,6 +259,8 @@ class RunConfig:
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"{type(self).__name__}.optim must be an OptimConfig or a mapping, got {self.optim!r}")
         owner = type(self).__name__
+        if self.checkpoint_format not in ("full", "sharded"):
+            raise ValueError(f"{owner}.checkpoint_format must be 'full' or 'sharded', got {self.checkpoint_format!r}")
         _positive_int(owner, "max_steps", self.max_steps, 1)
         for name in ("save_every", "keep_last", "max_nan_steps"):
             _positive_int(owner, name, getattr(self, name), 0)

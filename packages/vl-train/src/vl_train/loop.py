@@ -272,7 +272,15 @@ class TrainingLoop:
         """Write a checkpoint of the current step atomically (a collective under FSDP); returns its folder."""
         cfg = self.config
         extra = {"config": cfg.to_dict(), **self.extra_state()}
-        run = RunState(self.step, self.data_state(), self.history, extra, cfg.keep_last, self.run_id)
+        run = RunState(
+            self.step,
+            self.data_state(),
+            self.history,
+            extra,
+            cfg.keep_last,
+            self.run_id,
+            sharded=cfg.checkpoint_format == "sharded",
+        )
         self.last_checkpoint = save_run_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, run)
         return self.last_checkpoint
 
