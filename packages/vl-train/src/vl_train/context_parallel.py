@@ -35,7 +35,7 @@ Notation: ``C`` CP size, ``c`` this rank in the CP group, ``B`` rows, ``L`` posi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from .losses import IGNORE_INDEX, SampleLayout, sample_layout
 
 __all__ = [
     "ContextParallel",
+    "DataParallelBatches",
     "UlyssesAttention",
     "apply_context_parallel",
     "context_parallel_of",
@@ -361,3 +362,43 @@ def data_parallel_rank(context_parallel: int = 1) -> int:
     """This rank's data-parallel group (ranks ``C d .. C d + C - 1`` form CP group ``d`` and share batches)."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return rank // context_parallel
+
+
+class DataParallelBatches(Iterator[dict[str, Any]]):
+    """This rank's batches of a stream that every rank draws alike: group ``d`` of ``G`` takes batches ``d``, ``d + G``, ...
+
+    The ``C`` ranks of a CP group (``G = W / C`` groups) get the same batches. Each rank draws every batch
+    of a round of ``G`` and keeps its own: simple and resumable (the state is the stream's, the same on
+    every rank, so a sharded checkpoint also resumes on another world size), at ``G`` times the data work
+    of a sampler that shards before rendering.
+
+    Args:
+        batches: The stream (``state_dict`` / ``load_state_dict`` are passed through when it has them).
+        context_parallel: ``C``.
+    """
+
+    def __init__(self, batches: Iterable[dict[str, Any]], context_parallel: int = 1) -> None:
+        self.source = batches
+        self._iter = batches if isinstance(batches, Iterator) else iter(batches)
+        self.groups, self.group = data_parallel_size(context_parallel), data_parallel_rank(context_parallel)
+
+    def __next__(self) -> dict[str, Any]:
+        drawn = [next(self._iter) for _ in range(self.groups)]
+        return drawn[self.group]
+
+    @property
+    def stats(self) -> Any:
+        """The stream's data counts (``None`` without them), which the trainer logs."""
+        return getattr(self.source, "stats", None)
+
+    def state_dict(self) -> Any:
+        """The stream's state (``None`` without one)."""
+        get = getattr(self.source, "state_dict", None)
+        return get() if callable(get) else None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore the stream's state."""
+        load = getattr(self.source, "load_state_dict", None)
+        if callable(load):
+            load(state)
+            self._iter = self.source if isinstance(self.source, Iterator) else iter(self.source)
