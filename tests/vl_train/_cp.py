@@ -56,11 +56,18 @@ def packed_batch(seed: int, rows: tuple[int, ...] = (0, 1)) -> dict[str, torch.T
     return batch
 
 
-def cp_run(out: Path, context_parallel: int = 1, *, moe: bool = False, expert_parallel: int = 1) -> tuple[Any, Any]:
+def cp_run(
+    out: Path,
+    context_parallel: int = 1,
+    *,
+    moe: bool = False,
+    expert_parallel: int = 1,
+    activation_checkpointing: bool = False,
+) -> tuple[Any, Any]:
     """``(model, result)`` of ``STEPS`` steps; under torchrun this rank's data-parallel group takes its rows.
 
     ``moe``: the tiny MoE model (4 experts, top-2, global-batch balance loss); ``expert_parallel``: its
-    experts sharded over that many ranks.
+    experts sharded over that many ranks; ``activation_checkpointing``: recompute every block in backward.
     """
     from _trainer_helpers import tiny_model
 
@@ -76,6 +83,7 @@ def cp_run(out: Path, context_parallel: int = 1, *, moe: bool = False, expert_pa
         grad_accum_steps=ACCUM,
         context_parallel=context_parallel,
         expert_parallel=expert_parallel,
+        activation_checkpointing=activation_checkpointing,
         optim={"lr": 1e-3},
         loss_reduction="sqrt",
         loss_chunk_size=8,

@@ -2,7 +2,8 @@
 
 Usage: ``RANK=r WORLD_SIZE=W MASTER_ADDR=127.0.0.1 MASTER_PORT=p python _cp_worker.py OUT RUN [RUN ...]``, each
 RUN ``C`` (a ``Trainer`` run of the dense model on the ``(W / C, C)`` mesh, ``_cp.cp_run``) or ``moe:C:P`` (the MoE
-model with CP size ``C`` and its experts sharded over ``P`` ranks). Rank 0 writes ``OUT/result.pt``: per RUN,
+model with CP size ``C`` and its experts sharded over ``P`` ranks), optionally followed by ``+ckpt``
+(activation checkpointing). Rank 0 writes ``OUT/result.pt``: per RUN,
 the losses, gradient norms, MoE balance losses, gathered final weights and the positions a rank decodes.
 """
 
@@ -42,9 +43,16 @@ def main(out: str, runs: list[str]) -> None:
     assert init_distributed("gloo")
     result: dict[str, Any] = {}
     for name in runs:
-        moe = name.startswith("moe:")
-        size, experts = (int(x) for x in name.split(":")[1:]) if moe else (int(name), 1)
-        model, run = cp_run(Path(out) / name.replace(":", "_"), size, moe=moe, expert_parallel=experts)
+        spec, _, flag = name.partition("+")
+        moe = spec.startswith("moe:")
+        size, experts = (int(x) for x in spec.split(":")[1:]) if moe else (int(spec), 1)
+        model, run = cp_run(
+            Path(out) / name.replace(":", "_").replace("+", "_"),
+            size,
+            moe=moe,
+            expert_parallel=experts,
+            activation_checkpointing=flag == "ckpt",
+        )
         result[name] = {
             "losses": run.losses,
             "grad_norms": [r["grad_norm"] for r in run.records],

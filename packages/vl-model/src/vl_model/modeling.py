@@ -308,6 +308,9 @@ class VLModel(VLPreTrainedModel):
                 check_token_ids(input_ids, int(vocab), training=self.training)
             inputs_embeds = table(input_ids)
         assert inputs_embeds is not None
+        for pixels, kind in ((pixel_values, "image"), (pixel_values_videos, "video")):
+            if pixels is not None:
+                check_finite_pixels(pixels, kind, training=self.training)
         fresh = past_key_values is None or past_key_values.get_seq_length() == 0
         visual = encode_visual(
             self.visual,

@@ -111,9 +111,14 @@ class ExpertParallelExperts(nn.Module):
     backend = "torch"
     """The local experts run the torch reference path (read by ``SparseMoeBlock.backend``)."""
 
-    def _local(self, name: str) -> torch.Tensor:
+    def _local(self, name: str, like: torch.Tensor) -> torch.Tensor:
         weight: torch.Tensor = getattr(self, name).to_local()
-        return _ScaleGrad.apply(weight, 1.0 / self.gradient_divide_factor) if weight.requires_grad else weight
+        if weight.requires_grad:
+            weight = _ScaleGrad.apply(weight, 1.0 / self.gradient_divide_factor)
+        # FSDP's mixed-precision policy casts the parameters it manages, not these: follow the rows' dtype
+        if weight.dtype == like.dtype or torch.is_autocast_enabled(like.device.type):
+            return weight
+        return weight.to(like.dtype)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, check_ids: bool = True
@@ -135,7 +140,7 @@ class ExpertParallelExperts(nn.Module):
         # the ids travel without gradients; the rows with them
         local_ids = _exchange((flat_ids[order] % self.local_experts)[:, None], send, recv, self.group).detach()
         rows = _exchange(x[order // k], send, recv, self.group)
-        w_gate_up, w_down = self._local("gate_up_proj"), self._local("down_proj")
+        w_gate_up, w_down = self._local("gate_up_proj", rows), self._local("down_proj", rows)
         if rows.shape[0]:
             ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
             out = moe_experts(rows, ones, local_ids, w_gate_up, w_down, backend="torch", check_ids=False)
