@@ -31,8 +31,8 @@ from ._inputs import (
     VLCausalLMOutput,
     VLModelOutput,
     VLVisionFeatures,
-    check_pairs,
     check_finite_pixels,
+    check_pairs,
     check_token_ids,
     join_deepstack,
     segments_from_cu_seqlens,
@@ -404,24 +404,6 @@ class VLForConditionalGeneration(CoreRuntime, VLPreTrainedModel, GenerationMixin
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, pretrained_model_name_or_path, model_args, allow_pickle=allow_pickle, **kwargs)
-
-    @property
-    def uniform_vision_pass(self) -> bool:
-        """Run the tower in every fresh forward, a zero-weighted placeholder without pixels (for sharded towers).
-
-        ``vl_train.parallel.parallelize`` turns it on, so that ranks holding text-only, image and video
-        batches make the same collectives. Generation then encodes the pixels inside the prefill forward.
-        """
-        return bool(self.model.uniform_vision_pass)
-
-    @uniform_vision_pass.setter
-    def uniform_vision_pass(self, value: bool) -> None:
-        self.model.uniform_vision_pass = bool(value)
-
-    def _supports_mm_encoder_outputs(self) -> bool:
-        # generate's pre-encoding runs the tower once per modality and not at all without pixels: with a
-        # sharded tower the pixels go into the prefill forward instead (one pass, placeholder when none)
-        return not self.uniform_vision_pass and bool(super()._supports_mm_encoder_outputs())  # type: ignore[misc]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -212,6 +212,24 @@ class CoreRuntime:
         logits = tuple(out.router_logits) if output_router_logits and out.router_logits else None
         return HiddenStates(out.last_hidden_state, logits)
 
+    @property
+    def uniform_vision_pass(self) -> bool:
+        """Run the tower in every fresh forward, a zero-weighted placeholder without pixels (for sharded towers).
+
+        ``vl_train.parallel.parallelize`` turns it on, so that ranks holding text-only, image and video
+        batches make the same collectives. Generation then encodes the pixels inside the prefill forward.
+        """
+        return bool(self.model.uniform_vision_pass)
+
+    @uniform_vision_pass.setter
+    def uniform_vision_pass(self, value: bool) -> None:
+        self.model.uniform_vision_pass = bool(value)
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        # generate's pre-encoding runs the tower once per modality and not at all without pixels: with a
+        # sharded tower the pixels go into the prefill forward instead (one pass, placeholder when none)
+        return not self.uniform_vision_pass and bool(super()._supports_mm_encoder_outputs())  # type: ignore[misc]
+
     def output_weight(self) -> torch.Tensor:
         """See :meth:`TrainableVLM.output_weight`."""
         return self.lm_head.weight
