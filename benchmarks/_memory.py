@@ -36,8 +36,11 @@ class _PeakTensorMemory(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
+            try:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+            except RuntimeError:  # FSDP2's unsharded parameters: storage resized in place, not a new allocation
+                continue
             if ptr == 0:
                 continue
             entry = self._refs.get(ptr)

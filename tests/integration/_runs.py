@@ -24,14 +24,17 @@ def train_run(out: Path, rank: int = 0, world: int = 1, *, core: bool = False) -
     return model, result
 
 
-def rl_setup() -> tuple[Any, Any, Any, list[dict[str, Any]]]:
-    """``(core model, processor, rollout, samples)``: a fixed rollout of 2 prompts x 3 responses by the core model."""
+def rl_setup(prompts: list[dict[str, Any]] | None = None) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
+    """``(core model, processor, rollout, samples)``: a fixed rollout of 2 prompts x 3 responses by the core model.
+
+    ``prompts``: the 2 prompts (default: 2 synthetic samples with images).
+    """
     from _rl_helpers import samples, tiny
 
     from vl_rl.rollout import HFRolloutEngine
 
     model, processor = tiny()
-    prompts = samples(2)
+    prompts = samples(2) if prompts is None else prompts
     torch.manual_seed(0)
     rollout = HFRolloutEngine(model, processor, max_new_tokens=4, thinking=False).generate(prompts, 3)
     return model, processor, rollout, prompts
@@ -52,15 +55,28 @@ def length_reward(sample: dict[str, Any], response: str) -> float:
     return len(response) / 10
 
 
-def rl_run(out: Path, rank: int = 0, world: int = 1, *, core: bool = False) -> tuple[Any, Any]:
-    """2 SAPO steps of 2 epochs on the fixed rollout; rank ``r`` of ``world`` updates on its prompts' groups."""
+def rl_run(
+    out: Path,
+    rank: int = 0,
+    world: int = 1,
+    *,
+    core: bool = False,
+    prompts: list[dict[str, Any]] | None = None,
+    prepare: Any = None,
+) -> tuple[Any, Any]:
+    """2 SAPO steps of 2 epochs on the fixed rollout; rank ``r`` of ``world`` updates on its prompts' groups.
+
+    ``prompts``: those of :func:`rl_setup`; ``prepare(model, processor)``: called on the model before training.
+    """
     from vl_rl.config import RLConfig
     from vl_rl.rollout import subset_groups
     from vl_rl.trainer import RLTrainer
 
-    model, processor, rollout, prompts = rl_setup()
+    model, processor, rollout, prompts = rl_setup(prompts)
     if not core:
         model = composed_twin(model)
+    if prepare is not None:
+        prepare(model, processor)
     share = len(prompts) // world
     mine = subset_groups(rollout, list(range(rank * share, (rank + 1) * share))) if world > 1 else rollout
     cfg = RLConfig(

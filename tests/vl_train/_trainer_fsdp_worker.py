@@ -7,7 +7,8 @@ global micro-batch. Rank 0 writes the metrics and the checkpoint under ``OUT_DIR
 per-step losses to ``OUT_DIR/losses.pt``; the test compares them with one process on full batches.
 With ``STOP > 0`` every rank stops after step ``STOP`` (a callback; the trainer checkpoints); with
 ``RESUME=1`` the ranks continue from the latest checkpoint in ``OUT_DIR/run``. With ``VL_TEST_MOE=1`` the model
-is the tiny MoE one with the global-batch balance loss.
+is the tiny MoE one with the global-batch balance loss; ``VL_TEST_CHECKPOINT_FORMAT=sharded`` writes sharded
+(``torch.distributed.checkpoint``) checkpoints.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def config(output_dir: Path, moe: bool = False) -> TrainConfig:
         loss_chunk_size=8,
         output_dir=str(output_dir),
         plot=False,
+        checkpoint_format=os.environ.get("VL_TEST_CHECKPOINT_FORMAT", "full"),  # type: ignore[arg-type]
     )
 
 

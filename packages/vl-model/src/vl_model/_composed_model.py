@@ -27,6 +27,7 @@ from vl_vision import VisionTransformer
 
 from ._composed_config import ComposedVLConfig
 from ._composed_hooks import DeepStackInjector, MRoPERotary, decoder_layers, install_mrope
+from ._vision_pass import encode_visual
 from .runtime import HiddenStates, MoERouting, check_part, moe_routing_of, segment_positions, tower_parts
 
 __all__ = ["ComposedVLForConditionalGeneration"]
@@ -73,6 +74,9 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self._deepstack.attach(decoder_layers(language_model), len(self.visual.deepstack_merger_list))
         self._mrope: MRoPERotary | None = None
         self.rope_deltas: torch.Tensor | None = None
+        # True: every fresh forward runs the tower once, a zero-weighted placeholder image when the batch has
+        # no pixels, so that the ranks of a sharded tower run the same collectives (vl_train.parallel sets it)
+        self.uniform_vision_pass = False
         self._install_positions()
         self.post_init()
 
@@ -176,30 +180,50 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         image_grid_thw: torch.Tensor | None,
         pixel_values_videos: torch.Tensor | None,
         video_grid_thw: torch.Tensor | None,
+        *,
+        fresh: bool = True,
     ) -> torch.Tensor:
-        """Token embeddings with the visual placeholders replaced; arms the DeepStack hooks."""
+        """Token embeddings with the visual placeholders replaced; arms the DeepStack hooks.
+
+        ``fresh``: a forward without cached tokens (training, prefill), where ``uniform_vision_pass``
+        runs a placeholder image when there are no pixels.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         self._deepstack.features, self._deepstack.positions = [], None
         cfg = self.config
-        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-        parts: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        for kind, pixels, grid, token_id in (
-            ("image", pixel_values, image_grid_thw, cfg.image_token_id),
-            ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id),
+        for kind, pixels, grid in (
+            ("image", pixel_values, image_grid_thw),
+            ("video", pixel_values_videos, video_grid_thw),
         ):
             if (pixels is None) != (grid is None):
                 have, lack = ("pixels", "grid_thw") if grid is None else ("grid_thw", "pixels")
                 raise ValueError(f"{kind} {have} given without {kind} {lack}: pass both or neither")
-            if pixels is None or grid is None:
+        self._vision_rope_ready()
+        visual = encode_visual(
+            self.visual,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            placeholder=self.uniform_vision_pass and fresh,
+        )
+        if visual.anchor is not None:  # a placeholder pass: zero, but every tower unit is in the graph
+            inputs_embeds = inputs_embeds + visual.anchor.to(inputs_embeds.dtype)
+        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        parts: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        for kind, out, token_id in (
+            ("image", visual.images, cfg.image_token_id),
+            ("video", visual.videos, cfg.video_token_id),
+        ):
+            if out is None:
                 continue
             mask = self._placeholder_mask(input_ids, inputs_embeds, token_id)
-            merged, deepstack = self.encode_vision(pixels, grid)
-            inputs_embeds = self._scatter(inputs_embeds, mask, merged, kind)
+            inputs_embeds = self._scatter(inputs_embeds, mask, out.merged, kind)
             visual_mask = visual_mask | mask
-            parts.append((mask, deepstack))
+            parts.append((mask, list(out.deepstack)))
         if parts and parts[0][1]:
             # DeepStack features in the order of the visual positions (images and videos may interleave).
             n_visual = int(visual_mask.sum())
@@ -416,8 +440,9 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             ValueError: placeholder counts that differ from the feature counts (both named),
                 grids without pixels or pixels without grids.
         """
+        fresh = past_key_values is None or int(past_key_values.get_seq_length()) == 0
         embeds = self._embed(
-            input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, fresh=fresh
         )
         if self._mrope is not None:
             lm_positions, self._mrope.positions = self._mrope_positions(

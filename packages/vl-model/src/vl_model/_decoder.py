@@ -98,6 +98,8 @@ class VLTextAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * d, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        # context parallelism (vl_model.runtime.SequenceParallel): attention over the whole sharded sequence
+        self.sequence_parallel: Any = None
 
     def forward(
         self,
@@ -117,6 +119,10 @@ class VLTextAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         attend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention)
+        if self.sequence_parallel is not None:
+            if past_key_values is not None:
+                raise ValueError("context parallelism runs without a KV cache: pass use_cache=False")
+            attend = self.sequence_parallel.attention(attend)
         out, probs = attend(
             self,
             q,

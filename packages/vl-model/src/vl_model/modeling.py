@@ -41,6 +41,7 @@ from ._inputs import (
 from ._loss import causal_lm_loss, labelled_loss
 from ._positions import continued_positions, generation_position_ids, rope_index
 from ._vision import VISION_ATTN, VLVisionTower
+from ._vision_pass import encode_visual
 from .configuration import VLConfig
 from .runtime import CoreRuntime
 from .text import VLPreTrainedModel, VLTextModel
@@ -75,6 +76,9 @@ class VLModel(VLPreTrainedModel):
         self.visual = VLVisionTower(tower_config, attn_implementation=name)
         self.language_model = VLTextModel(config.text_config)
         self.rope_deltas: torch.Tensor | None = None
+        # True: every fresh forward runs the tower once, a zero-weighted placeholder image when the batch has
+        # no pixels, so that the ranks of a sharded tower run the same collectives (see _vision_pass)
+        self.uniform_vision_pass = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -304,15 +308,25 @@ class VLModel(VLPreTrainedModel):
                 check_token_ids(input_ids, int(vocab), training=self.training)
             inputs_embeds = table(input_ids)
         assert inputs_embeds is not None
-        images = videos = None
-        if pixel_values is not None and image_grid_thw is not None:
-            images = self._encode(pixel_values, image_grid_thw, "image")
-        elif encoded.get("image") is not None:
+        for pixels, kind in ((pixel_values, "image"), (pixel_values_videos, "video")):
+            if pixels is not None:
+                check_finite_pixels(pixels, kind, training=self.training)
+        fresh = past_key_values is None or past_key_values.get_seq_length() == 0
+        visual = encode_visual(
+            self.visual,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            placeholder=self.uniform_vision_pass and fresh,
+        )
+        images, videos = visual.images, visual.videos
+        if images is None and encoded.get("image") is not None:
             images = vision_output_from(encoded["image"])
-        if pixel_values_videos is not None and video_grid_thw is not None:
-            videos = self._encode(pixel_values_videos, video_grid_thw, "video")
-        elif encoded.get("video") is not None:
+        if videos is None and encoded.get("video") is not None:
             videos = vision_output_from(encoded["video"])
+        if visual.anchor is not None:  # a placeholder pass: zero, but every tower unit is in the graph
+            inputs_embeds = inputs_embeds + visual.anchor.to(inputs_embeds.dtype)
         inputs_embeds, visual_pos_masks, deepstack = self._visual_inputs(input_ids, inputs_embeds, images, videos)
 
         if position_ids is None:

@@ -12,20 +12,25 @@ Training code never reaches into either layout; it asks the model, through :clas
 - ``part_modules(part)``: what each of ``PARTS`` holds, for freezing and per-part learning rates;
 - ``moe_routing()``: experts, experts per token and the balance-loss coefficient, or ``None``.
 
-``isinstance(model, TrainableVLM)`` checks the methods are there (a structural check).
+``isinstance(model, TrainableVLM)`` checks the methods are there (a structural check). Both classes also
+have ``uniform_vision_pass`` (default False; ``vl_train.parallel.parallelize`` turns it on): every fresh
+forward then runs the vision tower exactly once, images and videos together, or a zero-weighted
+placeholder image when the batch has no pixels, so that the ranks of a sharded tower run the same
+collectives (``vl_model._vision_pass``).
 
 Notation: ``B`` batch, ``L`` sequence, ``H`` hidden size, ``V`` vocabulary, ``E`` experts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-__all__ = ["PARTS", "HiddenStates", "MoERouting", "TrainableVLM", "segment_positions"]
+__all__ = ["PARTS", "HiddenStates", "MoERouting", "SequenceParallel", "TrainableVLM", "segment_positions"]
 
 PARTS = ("vision", "merger", "deepstack", "llm")
 """The parts of a VLM: tower (``vision``), merge head (``merger``), DeepStack mergers, language model."""
@@ -101,6 +106,26 @@ class TrainableVLM(Protocol):
 
     def moe_routing(self) -> MoERouting | None:
         """The MoE routing of the language model, ``None`` for a dense one."""
+        ...
+
+
+@runtime_checkable
+class SequenceParallel(Protocol):
+    """How a decoder runs one row's sequence sharded over the ranks of a group (context parallelism).
+
+    The model computes everything that needs the whole row first (embeddings, visual scatter, MRoPE
+    positions with their per-sample resets, the packed attention mask), then keeps its own contiguous
+    part ``[start, stop)`` of the sequence for the decoder layers, and runs attention through
+    :meth:`attention`, which sees the whole sequence (``vl_train.context_parallel`` implements it with
+    Ulysses all-to-alls over heads). The last hidden states are this part's.
+    """
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's part of a sequence of ``length`` positions."""
+        ...
+
+    def attention(self, attend: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a transformers attention function (``attend(module, q, k, v, mask, **kw)``) for local parts."""
         ...
 
 
@@ -187,6 +212,24 @@ class CoreRuntime:
         logits = tuple(out.router_logits) if output_router_logits and out.router_logits else None
         return HiddenStates(out.last_hidden_state, logits)
 
+    @property
+    def uniform_vision_pass(self) -> bool:
+        """Run the tower in every fresh forward, a zero-weighted placeholder without pixels (for sharded towers).
+
+        ``vl_train.parallel.parallelize`` turns it on, so that ranks holding text-only, image and video
+        batches make the same collectives. Generation then encodes the pixels inside the prefill forward.
+        """
+        return bool(self.model.uniform_vision_pass)
+
+    @uniform_vision_pass.setter
+    def uniform_vision_pass(self, value: bool) -> None:
+        self.model.uniform_vision_pass = bool(value)
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        # generate's pre-encoding runs the tower once per modality and not at all without pixels: with a
+        # sharded tower the pixels go into the prefill forward instead (one pass, placeholder when none)
+        return not self.uniform_vision_pass and bool(super()._supports_mm_encoder_outputs())  # type: ignore[misc]
+
     def output_weight(self) -> torch.Tensor:
         """See :meth:`TrainableVLM.output_weight`."""
         return self.lm_head.weight
@@ -209,3 +252,13 @@ class CoreRuntime:
     def moe_routing(self) -> MoERouting | None:
         """See :meth:`TrainableVLM.moe_routing`."""
         return moe_routing_of(self.config.text_config)
+
+    def set_sequence_parallel(self, sequence_parallel: SequenceParallel | None) -> None:
+        """Run the decoder on this rank's part of every sequence (``None``: the whole sequence again).
+
+        ``forward_hidden`` then returns ``[B, stop - start, H]``, the part ``sequence_parallel.bounds(L)``.
+        """
+        text = self.model.language_model
+        text.sequence_parallel = sequence_parallel
+        for layer in text.layers:
+            layer.self_attn.sequence_parallel = sequence_parallel

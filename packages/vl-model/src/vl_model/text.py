@@ -139,6 +139,8 @@ class VLTextModel(VLPreTrainedModel):
                 scaling=config.rope_scaling_spec(),
             )
         self.gradient_checkpointing = False
+        # context parallelism (vl_model.runtime.SequenceParallel): the layers run on this rank's part of the row
+        self.sequence_parallel: Any = None
         self.post_init()
 
     def _check_context(self, position_ids: torch.Tensor) -> None:
@@ -259,6 +261,11 @@ class VLTextModel(VLPreTrainedModel):
 
         cos_sin = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
         hidden = inputs_embeds
+        if self.sequence_parallel is not None:
+            # positions (with their per-sample resets) and the mask came from the whole row; keep our part
+            hidden, cos_sin, visual_pos_masks, deepstack_visual_embeds = local_part(
+                self.sequence_parallel.bounds(length), hidden, cos_sin, visual_pos_masks, deepstack_visual_embeds
+            )
         all_hidden: list[torch.Tensor] = [hidden] if want_hidden else []
         routers: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
@@ -288,6 +295,29 @@ class VLTextModel(VLPreTrainedModel):
             router_logits=tuple(routers) if output_router_logits and routers else None,
         )
         return out if _flag(return_dict, self.config, "return_dict") else out.to_tuple()
+
+
+def local_part(
+    bounds: tuple[int, int],
+    hidden: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    visual_pos_masks: torch.Tensor | None,
+    deepstack: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, list[torch.Tensor] | None]:
+    """Positions ``[start, stop)`` of the decoder's inputs: hidden states, rotary tables, DeepStack targets.
+
+    The DeepStack features ``[V, H]`` follow the visual positions in row-major order, so the part keeps
+    the features of the visual positions inside ``[start, stop)``, in the same order.
+    """
+    start, stop = bounds
+    cos, sin = cos_sin
+    part = (hidden[:, start:stop], (cos[:, start:stop], sin[:, start:stop]))
+    if visual_pos_masks is None or deepstack is None:
+        return *part, visual_pos_masks, deepstack
+    inside = torch.zeros_like(visual_pos_masks)
+    inside[:, start:stop] = visual_pos_masks[:, start:stop]
+    keep = inside[visual_pos_masks]
+    return *part, visual_pos_masks[:, start:stop], [f[keep] for f in deepstack]
 
 
 def add_at_positions(hidden: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,13 @@
 - ``moe_experts``: the routed SwiGLU experts for any router; ``backend="torch"`` (sorted grouped
   matmuls, any device) or ``"triton"`` (the kernels in ``vl_moe.kernels``, loaded on first use).
 - ``SparseMoeBlock``: router plus experts with the state-dict keys of transformers' Qwen3-VL-MoE block.
+- ``shard_experts``, ``ExpertParallelExperts``: expert parallelism (experts sharded over ranks, tokens
+  dispatched and combined by all-to-all).
 """
 
 from .balance import MoEBalanceTracker
 from .block import MoEExperts, MoEOutput, SparseMoeBlock
+from .expert_parallel import ExpertParallelExperts, shard_experts
 from .functional import BACKENDS, Backend, moe_experts, resolve_backend
 from .losses import expert_counts, load_balancing_loss, router_z_loss
 from .reference import moe_experts_reference
@@ -21,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "Backend",
+    "ExpertParallelExperts",
     "MoEBalanceTracker",
     "MoEExperts",
     "MoEOutput",
@@ -35,5 +39,6 @@ __all__ = [
     "route",
     "router_probs",
     "router_z_loss",
+    "shard_experts",
     "torch_moe_experts",
 ]

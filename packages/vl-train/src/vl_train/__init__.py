@@ -11,8 +11,11 @@
   reductions normalised over the global batch; distillation losses in ``vl_train.distill_losses``.
 - ``vl_train.data``: sample format, rendering with assistant-only labels, packing, mixtures, and the
   embedded ``SyntheticDataset``.
-- ``vl_train.parallel``: FSDP2 (``parallelize``) and activation checkpointing applied by function.
-- ``estimate_memory``: per-rank memory of a long-context step (weights, AdamW, activations, loss chunk).
+- ``vl_train.parallel``: FSDP2 (``parallelize``) and activation checkpointing applied by function;
+  ``vl_train.context_parallel`` (Ulysses context parallelism on a dp x cp mesh), expert parallelism through
+  ``vl_moe.shard_experts``, ``vl_train.dcp_checkpoint`` (sharded checkpoints, resumable on another world size).
+- ``estimate_memory``: per-rank memory of a long-context step (weights, AdamW, activations, loss chunk);
+  ``plan_memory`` (``vl-train plan``): per-GPU memory from the meta-device model x FSDP / CP / EP sizes.
 - ``DistillTrainer``: on-policy (reverse KL / JSD) and off-policy distillation runs.
 - ``token_logprobs`` / ``completion_logprobs``: log-probabilities of given tokens (distillation, RL).
 - ``vl_train.builders``: model + processor, data mixture and batches from recipe sections; CLI
@@ -27,6 +30,7 @@ from .logprobs import completion_logprobs, token_logprobs
 from .loop import TrainingLoop
 from .losses import LossOutput, global_loss_normalizer, lm_loss, loss_normalizer, moe_aux_loss
 from .memory import estimate_memory
+from .plan import plan_memory
 from .stages import S0, S1, S2, S3, SFT, SFT_LONG, Distill, DistillSpec, stage
 from .teacher import generate_teacher_data
 from .trainer import OutputDirError, Trainer, TrainResult
@@ -62,6 +66,7 @@ __all__ = [
     "moe_aux_loss",
     "off_policy_distill_loss",
     "on_policy_distill_step",
+    "plan_memory",
     "stage",
     "token_logprobs",
 ]

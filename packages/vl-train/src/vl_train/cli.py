@@ -6,6 +6,7 @@ Usage::
     vl-train my_recipe.toml --set optim.lr=1e-4 --set data.size=200 --output runs/x
     vl-train demo_s1 --init-from runs/demo_s0          # start from a previous stage's output
     vl-train my_recipe.toml --output runs/x --resume   # continue a stopped run
+    vl-train plan --model Qwen3-VL-8B --tokens 32768 --world 16 --cp 2   # memory per GPU (vl_train.plan)
 
 The recipe format is :mod:`vl_train.recipe`'s; the model, processor and data are built by
 :mod:`vl_train.builders`. The run writes what the trainer writes (checkpoints, ``metrics.jsonl``, the
@@ -62,6 +63,11 @@ def _report(output_dir: Path, result: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vl-train`` / ``python -m vl_train``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # the memory planner's own options (vl_train.plan)
+        from .plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.list:
         from .stages import STAGES

@@ -224,6 +224,10 @@ class RunConfig:
         output_dir: Where checkpoints, metrics and plots go (checked writable before training).
         save_every: Write a checkpoint every this many steps (0: only at the end).
         keep_last: Checkpoints of this run kept on disk (0: all).
+        checkpoint_format: ``"full"``: rank 0 writes the gathered state (``model.safetensors``);
+            ``"sharded"``: every rank writes its own shards with ``torch.distributed.checkpoint`` (no gather;
+            resumable on another world size; :func:`vl_train.dcp_checkpoint.export_pretrained` writes the
+            Hugging Face checkpoint).
         tensorboard: Also write TensorBoard event files (needs ``tensorboard``).
         plot: Write a PNG of the run's curve at the end (needs ``matplotlib``).
         progress: Show a progress bar (quiet when stderr is not a terminal).
@@ -238,6 +242,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     save_every: int = 0
     keep_last: int = 2
+    checkpoint_format: Literal["full", "sharded"] = "full"
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
@@ -254,6 +259,8 @@ class RunConfig:
         if not isinstance(self.optim, OptimConfig):
             raise ValueError(f"{type(self).__name__}.optim must be an OptimConfig or a mapping, got {self.optim!r}")
         owner = type(self).__name__
+        if self.checkpoint_format not in ("full", "sharded"):
+            raise ValueError(f"{owner}.checkpoint_format must be 'full' or 'sharded', got {self.checkpoint_format!r}")
         _positive_int(owner, "max_steps", self.max_steps, 1)
         for name in ("save_every", "keep_last", "max_nan_steps"):
             _positive_int(owner, name, getattr(self, name), 0)
@@ -299,6 +306,11 @@ class TrainConfig(RunConfig):
             (the loss's coefficient is the model config's ``router_aux_loss_coef``; 0 turns it off).
         compile: ``torch.compile`` the model's ``forward_hidden``.
         bf16: bf16 autocast: ``"auto"`` (on CUDA only), ``True`` or ``False``.
+        context_parallel: Ranks each row's sequence is split over (``[train] context_parallel``; 1: none).
+            Must divide the world size; the ranks of one CP group must be given the same batches
+            (:mod:`vl_train.context_parallel`).
+        expert_parallel: Ranks the MoE experts are sharded over (``[train] expert_parallel``; 1: none, else
+            the world size; :func:`vl_moe.shard_experts`).
         distill: The distillation spec (stage ``Distill``), else ``None``.
     """
 
@@ -313,11 +325,20 @@ class TrainConfig(RunConfig):
     global_batch_balance: bool = True
     compile: bool = False
     bf16: bool | Literal["auto"] = "auto"
+    context_parallel: int = 1
+    expert_parallel: int = 1
     distill: DistillSpec | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("micro_batch_size", "grad_accum_steps", "max_length", "loss_chunk_size"):
+        for name in (
+            "micro_batch_size",
+            "grad_accum_steps",
+            "max_length",
+            "loss_chunk_size",
+            "context_parallel",
+            "expert_parallel",
+        ):
             _positive_int("TrainConfig", name, getattr(self, name), 1)
         if self.loss_reduction not in ("sqrt", "token", "sample"):
             raise ValueError(

@@ -218,11 +218,19 @@ class TrainingLoop:
 
     def _prepare_model(self) -> None:
         model, cfg = self.model, self.config
+        context_parallel = int(getattr(cfg, "context_parallel", 1))
+        if context_parallel > 1 and not self.distributed:
+            raise ValueError(f"context_parallel = {context_parallel} needs that many ranks: launch with torchrun")
         if self.distributed:
             from torch.distributed.fsdp import FSDPModule
 
             if not isinstance(model, FSDPModule):  # an already sharded model keeps its own setup
-                parallelize(model, activation_checkpointing=cfg.activation_checkpointing)
+                parallelize(
+                    model,
+                    activation_checkpointing=cfg.activation_checkpointing,
+                    context_parallel=context_parallel,
+                    expert_parallel=int(getattr(cfg, "expert_parallel", 1)),
+                )
         elif cfg.activation_checkpointing:
             # Non-reentrant: frozen inputs (S0's frozen embeddings) must not cut the layers' gradients.
             enable: Any = getattr(model, "activation_checkpointing_enable", None)
@@ -264,7 +272,15 @@ class TrainingLoop:
         """Write a checkpoint of the current step atomically (a collective under FSDP); returns its folder."""
         cfg = self.config
         extra = {"config": cfg.to_dict(), **self.extra_state()}
-        run = RunState(self.step, self.data_state(), self.history, extra, cfg.keep_last, self.run_id)
+        run = RunState(
+            self.step,
+            self.data_state(),
+            self.history,
+            extra,
+            cfg.keep_last,
+            self.run_id,
+            sharded=cfg.checkpoint_format == "sharded",
+        )
         self.last_checkpoint = save_run_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, run)
         return self.last_checkpoint
 

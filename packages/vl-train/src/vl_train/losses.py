@@ -233,6 +233,7 @@ def lm_loss(
     lm_head_bias: torch.Tensor | None = None,
     logit_softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
+    layout: SampleLayout | None = None,
 ) -> LossOutput:
     """Cross-entropy of ``hidden @ lm_head_weight.T`` on labelled positions, chunked, reduced.
 
@@ -249,6 +250,9 @@ def lm_loss(
         lm_head_bias: Optional ``[V]``.
         logit_softcap: Optional ``c``: logits become ``c tanh(logits / c)``.
         ignore_index: Label value of unscored positions.
+        layout: The scored positions and their samples, given instead of being read from ``labels`` and
+            ``segment_ids``: a context-parallel part's positions with the token counts of the whole samples
+            (:meth:`vl_train.context_parallel.ContextParallel.layout`).
 
     Returns:
         A :class:`LossOutput`; samples without labelled tokens contribute nothing (no NaN), and a
@@ -277,7 +281,10 @@ def lm_loss(
     vocab = lm_head_weight.shape[0]
     if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
         raise ValueError(f"lm_head_bias must be [V] = ({vocab},), got {tuple(lm_head_bias.shape)}")
-    layout = sample_layout(labels, segment_ids, ignore_index=ignore_index)
+    if layout is None:
+        layout = sample_layout(labels, segment_ids, ignore_index=ignore_index)
+    elif layout.rows.numel() and int(layout.rows.max()) >= labels.numel():
+        raise ValueError(f"layout names position {int(layout.rows.max())} but labels hold {labels.numel()} positions")
     flat_labels = labels.reshape(-1).to(torch.int64)
     picked = flat_labels[layout.rows]
     bad = (picked < 0) | (picked >= vocab)

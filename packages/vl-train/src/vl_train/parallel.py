@@ -24,6 +24,11 @@ forward of the root (``torch.distributed.fsdp.register_fsdp_forward_method``), s
 parameters are gathered for it and their gradients reduce-scattered in backward. Without FSDP it just
 calls the function.
 
+Mixed modalities: every tower block's forward and backward is a collective, so ranks must run the
+tower equally often whatever their micro-batches hold (text only, images, videos, both). ``parallelize``
+turns on the model's ``uniform_vision_pass``: images and videos are encoded in one tower pass, and a
+forward without pixels runs a zero-weighted placeholder image (the loss and gradients are unchanged).
+
 FSDP2 averages gradients over ranks: with a global loss normaliser (``vl_train.losses``) multiply each
 rank's loss by :func:`world_size` before ``backward``.
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "barrier",
     "checkpoint_blocks",
+    "context_parallel_mesh",
     "full_state_dict",
     "init_distributed",
     "is_main_process",
@@ -57,6 +64,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _MERGER_NAMES = ("merger", "deepstack_merger_list")
 _ROOT_CALL = "_vl_train_root_call"
@@ -222,6 +231,24 @@ def _default_mesh() -> Any:
     return init_device_mesh(device, (torch.distributed.get_world_size(),))
 
 
+def context_parallel_mesh(context_parallel: int) -> Any:
+    """The 2-D ``DeviceMesh`` ``("dp", "cp") = (W / C, C)`` of every rank; CP groups are consecutive ranks.
+
+    Raises:
+        RuntimeError: No process group.
+        ValueError: ``C`` does not divide the world size.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not _dist_ready():
+        raise RuntimeError("context parallelism needs an initialised process group (init_distributed under torchrun)")
+    world = torch.distributed.get_world_size()
+    if context_parallel < 1 or world % context_parallel:
+        raise ValueError(f"context_parallel = {context_parallel} must divide the {world} ranks")
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device, (world // context_parallel, context_parallel), mesh_dim_names=("dp", "cp"))
+
+
 def parallelize(
     model: nn.Module,
     *,
@@ -229,6 +256,8 @@ def parallelize(
     reshard_after_forward: bool = True,
     activation_checkpointing: bool = False,
     mixed_precision: Any = None,
+    context_parallel: int = 1,
+    expert_parallel: int = 1,
 ) -> nn.Module:
     """Shard ``model`` in place with FSDP2: each block, the merger parts, then the root.
 
@@ -241,6 +270,12 @@ def parallelize(
         activation_checkpointing: Also apply :func:`checkpoint_blocks`.
         mixed_precision: A ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 parameters,
             fp32 gradient reduction) or None (compute in the parameters' dtype).
+        context_parallel: ``C > 1``: split every row's sequence over groups of ``C`` consecutive ranks
+            (:mod:`vl_train.context_parallel`) on the 2-D mesh of :func:`context_parallel_mesh`; FSDP2 then
+            shards over the flattened ``dp x cp`` mesh. Give no ``mesh`` with it.
+        expert_parallel: ``P > 1``: the experts of every ``vl_moe.SparseMoeBlock`` are sharded over the
+            ``P`` ranks of the FSDP mesh and reached by all-to-all (:func:`vl_moe.shard_experts`); FSDP2
+            shards the rest. ``P`` must equal the FSDP mesh's size (every rank one EP rank).
 
     Returns:
         The same module, now an ``FSDPModule``; run each training step's forward and loss through
@@ -253,19 +288,65 @@ def parallelize(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     units = shard_units(model)
+    if context_parallel > 1:
+        from .context_parallel import apply_context_parallel
+
+        if mesh is not None:
+            raise ValueError("parallelize: give a mesh or context_parallel > 1, not both")
+        grid = context_parallel_mesh(context_parallel)
+        apply_context_parallel(model, grid["cp"].get_group())
+        mesh = grid._flatten("dp_cp")  # FSDP over every rank: CP ranks' gradients add up like data-parallel ones
     if mesh is None:
         mesh = _default_mesh()
+    _uniform_vision_pass(model)
+    experts = _expert_parallel(model, mesh, expert_parallel)
     if activation_checkpointing:
         checkpoint_blocks(model)
     policy = mixed_precision if mixed_precision is not None else MixedPrecisionPolicy()
     for _, unit in units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(
+            unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy, ignored_params=experts
+        )
     # reshard_after_forward=None: FSDP2 keeps the root's parameters (embeddings, lm_head) gathered
     # from forward to backward, since backward needs them first.
-    fully_shard(model, mesh=mesh, reshard_after_forward=None, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=None, mp_policy=policy, ignored_params=experts)
     setattr(model, _ROOT_CALL, _call)
     register_fsdp_forward_method(model, _ROOT_CALL)
     return model
+
+
+def _expert_parallel(model: nn.Module, mesh: Any, size: int) -> set[nn.Parameter]:
+    """Shard the MoE experts over ``mesh`` (``size`` ranks); their parameters, which FSDP must leave alone."""
+    if size <= 1:
+        return set()
+    from vl_moe import ExpertParallelExperts, shard_experts
+
+    if mesh.ndim != 1 or mesh.size() != size:
+        raise ValueError(
+            f"expert_parallel = {size} must equal the number of ranks FSDP shards over ({mesh.size()}): "
+            "each rank is one expert-parallel rank"
+        )
+    if not shard_experts(model, mesh, gradient_divide_factor=float(size)):
+        raise ValueError(f"expert_parallel = {size} but {type(model).__name__} has no vl_moe.SparseMoeBlock")
+    return {p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+
+
+def _uniform_vision_pass(model: nn.Module) -> None:
+    """Make every fresh forward run the sharded tower once, whatever modalities the rank's batch holds.
+
+    Each tower block is an FSDP unit: its forward and backward are collectives, so ranks holding
+    text-only, image and video micro-batches must still run the tower the same number of times. The
+    models of vl_model then encode images and videos in one pass and, without pixels, a zero-weighted
+    placeholder image (``uniform_vision_pass``; the loss and gradients are those without it).
+    """
+    if hasattr(model, "uniform_vision_pass"):
+        model.uniform_vision_pass = True  # type: ignore[assignment]
+    else:
+        log.warning(
+            "%s has no uniform_vision_pass switch: every rank's batches must hold the same visual modalities "
+            "in every micro-step, or the sharded tower's collectives will not match (a hang on NCCL)",
+            type(model).__name__,
+        )
 
 
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -1,6 +1,8 @@
 """Checkpoints of a training run on one process or on ``W`` FSDP2 ranks (save, and exact resume).
 
 One process: :func:`vl_train.checkpoint.save_checkpoint` / :func:`~vl_train.checkpoint.load_checkpoint`.
+``RunState(sharded=True)`` (``checkpoint_format = "sharded"``): every rank writes its shards with
+``torch.distributed.checkpoint`` (:mod:`vl_train.dcp_checkpoint`); such a checkpoint loads on any world size.
 
 ``W > 1`` ranks (``torch.distributed`` initialised, the model sharded by :func:`vl_train.parallel.parallelize`):
 
@@ -39,6 +41,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .dcp_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from .parallel import barrier, full_state_dict, is_main_process, rank, world_size
 
 __all__ = ["RANK_DATA_FILE", "RunState", "load_run_checkpoint", "rank_data_file", "save_run_checkpoint"]
@@ -73,6 +76,8 @@ class RunState:
         extra: JSON-serialisable values for ``meta.json`` (e.g. the config).
         keep_last: Older checkpoints of this run beyond this many are deleted (0 keeps all).
         run_id: The run's id (recorded in ``meta.json``; pruning touches only this run's checkpoints).
+        sharded: Every rank writes its own shards with ``torch.distributed.checkpoint``
+            (:mod:`vl_train.dcp_checkpoint`) instead of rank 0 writing the gathered state.
     """
 
     step: int
@@ -81,6 +86,7 @@ class RunState:
     extra: dict[str, Any] | None = None
     keep_last: int = 0
     run_id: str | None = None
+    sharded: bool = False
 
 
 def save_run_checkpoint(
@@ -95,6 +101,8 @@ def save_run_checkpoint(
     Returns:
         The checkpoint folder (on every rank; complete once this returns).
     """
+    if run.sharded:
+        return save_sharded_checkpoint(output_dir, model, optimizer, scheduler, run)
     if world_size() == 1:
         return save_checkpoint(
             output_dir,
@@ -150,6 +158,8 @@ def load_run_checkpoint(
             file does not match its recorded checksum.
     """
     folder = Path(path)
+    if is_sharded_checkpoint(folder):  # any world size: DCP reshards
+        return load_sharded_checkpoint(folder, model, optimizer, scheduler)
     if world_size() == 1:
         ckpt = load_checkpoint(folder, model=model, optimizer=optimizer, scheduler=scheduler)
         saved_world = int(ckpt.extra.get("world_size", 1))

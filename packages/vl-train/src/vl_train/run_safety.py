@@ -39,7 +39,9 @@ RUN_FILES = ("metrics.jsonl", "tensorboard", "loss_curve.png", "reward_curve.png
 """Files and folders a run writes besides its checkpoints (``model``: the CLI's final model)."""
 
 RESUMABLE = {"max_steps", "output_dir", "save_every", "keep_last", "tensorboard", "plot", "progress", "max_nan_steps"}
-"""Settings a resumed run may change: how long it runs and what it writes, not what it computes."""
+RESUMABLE |= {"checkpoint_format", "context_parallel", "expert_parallel"}  # how, not what: another world size
+"""Settings a resumed run may change: how long it runs, what it writes and how it is split over ranks, not what
+it computes."""
 
 
 class OutputDirError(ValueError):

@@ -30,6 +30,7 @@ from torch import nn
 from vl_moe import MoEBalanceTracker
 
 from .config import TrainConfig
+from .context_parallel import context_parallel_of
 from .losses import IGNORE_INDEX, lm_loss, moe_aux_loss, track_moe_routing
 from .parallel import root_forward
 
@@ -83,6 +84,17 @@ class StepLoss:
         self.top_k = routing.top_k if routing is not None else 0
         self.aux_coef = routing.aux_coef if routing is not None else 0.0
         self.tracker: MoEBalanceTracker | None = None
+        # context parallelism: each rank's forward returns its part of the rows (vl_train.context_parallel)
+        self.context = context_parallel_of(model)
+
+    @property
+    def context_parallel(self) -> int:
+        """``C``: the ranks one row's sequence is split over (1 without context parallelism)."""
+        return self.context.size if self.context is not None else 1
+
+    def _local_mask(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        mask = batch.get("attention_mask")
+        return self.context.local(mask) if self.context is not None else mask
 
     @property
     def uses_moe(self) -> bool:
@@ -107,6 +119,8 @@ class StepLoss:
         (every rank runs its forwards, the counts are all-reduced at the first loss).
         """
         for i, batch in enumerate(micro):
+            if self.context is not None:
+                batch, _ = self.context.pad(batch, batch["input_ids"])
             inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
             def routing(inputs: dict[str, Any] = inputs) -> list[torch.Tensor]:
@@ -117,7 +131,7 @@ class StepLoss:
             tracker = self._tracker(len(logits))
             if i == 0:
                 tracker.reset()
-            track_moe_routing(tracker, logits, batch.get("attention_mask"))
+            track_moe_routing(tracker, logits, self._local_mask(batch))
 
     def __call__(
         self, batch: dict[str, Any], targets: torch.Tensor, normalizer: torch.Tensor | float, *, counted: bool = False
@@ -133,6 +147,14 @@ class StepLoss:
         """
         cfg = self.config
         use_moe = self.uses_moe
+        context = self.context
+        segment_ids = batch.get("segment_ids")
+        layout = None
+        if context is not None:  # this rank scores its part, each token weighted by its whole sample
+            batch, targets = context.pad(batch, targets)
+            segment_ids = batch.get("segment_ids")
+            layout = context.layout(targets, segment_ids)
+            targets, segment_ids = targets[:, slice(*context.bounds(targets.shape[1]))], None
         inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
         def forward_and_loss() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -144,17 +166,18 @@ class StepLoss:
                     out.last_hidden_state,
                     weight,
                     targets,
-                    segment_ids=batch.get("segment_ids"),
+                    segment_ids=segment_ids,
                     reduction=cfg.loss_reduction,
                     chunk_size=cfg.loss_chunk_size,
                     normalizer=normalizer,
+                    layout=layout,
                 ).loss
             return loss, (list(out.router_logits) if use_moe and out.router_logits else None)
 
         loss, router_logits = root_forward(self.model, forward_and_loss)
         if not router_logits:
             return loss, None
-        mask = batch.get("attention_mask")
+        mask = self._local_mask(batch)
         with self.autocast():
             if not self.global_balance:
                 aux = moe_aux_loss(router_logits, mask, self.top_k, coef=self.aux_coef)

@@ -142,8 +142,13 @@ class Trainer(TrainingLoop):
         """
         cfg, world = self.config, world_size()
         targets = [shift_labels(b["labels"]) for b in micro]
+        # the C ranks of a context-parallel group hold the same rows: each adds 1/C of their normaliser
+        share = self.loss.context_parallel
         z = global_loss_normalizer(
-            [loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) for t, b in zip(targets, micro, strict=True)]
+            [
+                loss_normalizer(t, b.get("segment_ids"), cfg.loss_reduction) / share
+                for t, b in zip(targets, micro, strict=True)
+            ]
         )
         if not float(z) > 0:  # a loss of 0 would look like success: no token of the global batch is labelled
             ids = [i for b in micro for row in b.get("sample_ids", []) for i in row]
@@ -216,6 +221,6 @@ class Trainer(TrainingLoop):
             batch = self._to_device(raw)
             y = shift_labels(batch["labels"])
             total += self.micro_batch_loss(batch, y, 1.0)[0].double().cpu()
-            count += float((y != IGNORE_INDEX).sum())
+            count += float((y != IGNORE_INDEX).sum()) / self.loss.context_parallel  # a CP group shares its rows
         self.model.train(was_training)
         return float(_all_reduce_sum(total) / _all_reduce_sum(count).clamp_min(1.0))
