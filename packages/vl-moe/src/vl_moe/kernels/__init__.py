@@ -22,8 +22,9 @@ set before the first call to run on CPU tensors. The design is described in
 from __future__ import annotations
 
 from vl_moe.kernels.align import Alignment, align_tokens
-from vl_moe.kernels.config import DECODE_MAX_PAIRS, KernelConfig, pick_config
+from vl_moe.kernels.config import DECODE_MAX_PAIRS, KernelConfig
 from vl_moe.kernels.function import triton_moe_experts
+from vl_moe.kernels.table import pick_config
 
 try:
     import triton  # noqa: F401

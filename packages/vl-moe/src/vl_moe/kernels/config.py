@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DECODE_MAX_PAIRS", "KernelConfig", "fit", "pick_config"]
+__all__ = ["DECODE_MAX_PAIRS", "KernelConfig", "fit", "rule"]
 
 DECODE_MAX_PAIRS = 64
 """Inference batches with at most this many routed pairs take the decode path (e.g. 8 tokens at top-8)."""
@@ -91,8 +91,8 @@ class KernelConfig:
             raise ValueError(f"{where}: {err}") from err
 
 
-def _rule(num_pairs: int, num_experts: int, *, train: bool, dtype: torch.dtype | None, aligned: bool) -> KernelConfig:
-    """The rule behind :func:`pick_config` (sizes checked spill-free for sm_90 and sm_100 by ``tests/gpu_compile``)."""
+def rule(num_pairs: int, num_experts: int, *, train: bool, dtype: torch.dtype | None, aligned: bool) -> KernelConfig:
+    """The rule behind :func:`vl_moe.kernels.table.pick_config` (sizes checked spill-free for sm_90 and sm_100 by ``tests/gpu_compile``)."""
     rows_per_expert = num_pairs / max(num_experts, 1)
     if not train and num_pairs <= DECODE_MAX_PAIRS:
         return KernelConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=3, decode=True)
@@ -120,48 +120,6 @@ def _rule(num_pairs: int, num_experts: int, *, train: bool, dtype: torch.dtype |
         # per element: 128-wide tiles then spill. Narrow tiles keep the address tensors in registers.
         cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, 32), block_k=min(cfg.block_k, 32), block_dw=64)
     return cfg
-
-
-def pick_config(
-    num_pairs: int,
-    num_experts: int,
-    *,
-    interpret: bool,
-    train: bool = True,
-    hidden: int | None = None,
-    inter: int | None = None,
-    top_k: int | None = None,
-    dtype: torch.dtype | None = None,
-    device_name: str | None = None,
-) -> KernelConfig:
-    """Choose tile sizes: the tuned table's entry for this GPU and shape if there is one, else the rule.
-
-    Args:
-        num_pairs: ``P = T * k`` routed (token, slot) pairs.
-        num_experts: ``E``.
-        interpret: Whether the kernels run in Triton's CPU interpreter (small fixed tiles).
-        train: Whether gradients will be wanted (the decode path is inference only).
-        hidden: ``H``; with ``inter``, ``top_k``, ``dtype`` and ``device_name``, selects a tuned table.
-        inter: ``I``.
-        top_k: ``k``.
-        dtype: The inputs' dtype.
-        device_name: ``torch.cuda.get_device_name()`` of the GPU the kernels run on.
-
-    Returns:
-        The config for every kernel of this forward and its backward.
-    """
-    if interpret:
-        return KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1, group_m=4)
-    if None not in (hidden, inter, top_k, dtype, device_name):
-        from vl_moe.kernels.table import lookup
-
-        assert hidden is not None and inter is not None and top_k is not None and dtype is not None
-        assert device_name is not None
-        tuned = lookup(device_name, num_experts, hidden, inter, top_k, dtype, num_tokens=num_pairs // top_k)
-        if tuned is not None and not (train and tuned.decode):
-            return tuned
-    aligned = all(width is None or width % 16 == 0 for width in (hidden, inter))
-    return _rule(num_pairs, num_experts, train=train, dtype=dtype, aligned=aligned)
 
 
 def fit(block: int, width: int) -> int:

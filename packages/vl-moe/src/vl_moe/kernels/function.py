@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from vl_moe.kernels.align import Alignment, align_tokens, check_topk_ids
-from vl_moe.kernels.config import KernelConfig, pick_config
+from vl_moe.kernels.config import KernelConfig
+from vl_moe.kernels.table import pick_config
 
 __all__ = ["triton_moe_experts"]
 
@@ -140,7 +141,7 @@ def triton_moe_experts(
         topk_ids: ``[T, k]`` integer expert ids in ``[0, E)``.
         w_gate_up: ``[E, 2I, H]`` gate rows (first ``I``) then up rows, in ``x.dtype``.
         w_down: ``[E, H, I]`` down projection, in ``x.dtype``.
-        config: Tile sizes; default :func:`~vl_moe.kernels.config.pick_config`: the tuned table for this
+        config: Tile sizes; default :func:`~vl_moe.kernels.table.pick_config`: the tuned table for this
             GPU and shape if one exists, else a rule from the routing size. Inference with few routed
             pairs (``config.decode``) runs the two-launch decode path.
         validate_ids: Check every id is in ``[0, E)`` (one host synchronisation; turn off only for

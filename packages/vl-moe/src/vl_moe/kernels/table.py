@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from vl_moe.kernels.config import KernelConfig
+from vl_moe.kernels.config import KernelConfig, rule
 
-__all__ = ["CONFIG_DIR", "ENV_VAR", "lookup", "read_table", "table_name", "write_table"]
+__all__ = ["CONFIG_DIR", "ENV_VAR", "lookup", "pick_config", "read_table", "table_name", "write_table"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The tables shipped inside the package."""
@@ -105,3 +105,43 @@ def lookup(
     wanted = math.log(max(num_tokens, 1))
     nearest = min(table, key=lambda t: (abs(math.log(t) - wanted), t))
     return table[nearest]
+
+
+def pick_config(
+    num_pairs: int,
+    num_experts: int,
+    *,
+    interpret: bool,
+    train: bool = True,
+    hidden: int | None = None,
+    inter: int | None = None,
+    top_k: int | None = None,
+    dtype: torch.dtype | None = None,
+    device_name: str | None = None,
+) -> KernelConfig:
+    """Choose tile sizes: the tuned table's entry for this GPU and shape if there is one, else the rule.
+
+    Args:
+        num_pairs: ``P = T * k`` routed (token, slot) pairs.
+        num_experts: ``E``.
+        interpret: Whether the kernels run in Triton's CPU interpreter (small fixed tiles).
+        train: Whether gradients will be wanted (the decode path is inference only).
+        hidden: ``H``; with ``inter``, ``top_k``, ``dtype`` and ``device_name``, selects a tuned table.
+        inter: ``I``.
+        top_k: ``k``.
+        dtype: The inputs' dtype.
+        device_name: ``torch.cuda.get_device_name()`` of the GPU the kernels run on.
+
+    Returns:
+        The config for every kernel of this forward and its backward.
+    """
+    if interpret:
+        return KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1, group_m=4)
+    if None not in (hidden, inter, top_k, dtype, device_name):
+        assert hidden is not None and inter is not None and top_k is not None and dtype is not None
+        assert device_name is not None
+        tuned = lookup(device_name, num_experts, hidden, inter, top_k, dtype, num_tokens=num_pairs // top_k)
+        if tuned is not None and not (train and tuned.decode):
+            return tuned
+    aligned = all(width is None or width % 16 == 0 for width in (hidden, inter))
+    return rule(num_pairs, num_experts, train=train, dtype=dtype, aligned=aligned)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from vl_moe.kernels.config import DECODE_MAX_PAIRS, KernelConfig, pick_config
-from vl_moe.kernels.table import read_table, table_name, write_table
+from vl_moe.kernels.config import DECODE_MAX_PAIRS, KernelConfig
+from vl_moe.kernels.table import pick_config, read_table, table_name, write_table
 
 __all__ = ["candidates", "main", "tune"]
 
