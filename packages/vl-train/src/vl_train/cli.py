@@ -6,12 +6,13 @@ Usage::
     vl-train my_recipe.toml --set optim.lr=1e-4 --set data.size=200 --output runs/x
     vl-train demo_s1 --init-from runs/demo_s0          # start from a previous stage's output
     vl-train my_recipe.toml --output runs/x --resume   # continue a stopped run
+    torchrun --nproc-per-node 8 -m vl_train my_recipe.toml --output runs/x   # FSDP2 over 8 GPUs
     vl-train plan --model Qwen3-VL-8B --tokens 32768 --world 16 --cp 2   # memory per GPU (vl_train.plan)
 
 The recipe format is :mod:`vl_train.recipe`'s; the model, processor and data are built by
 :mod:`vl_train.builders`. The run writes what the trainer writes (checkpoints, ``metrics.jsonl``, the
 loss-curve PNG) and the final model with its processor as ``OUTPUT/model``, which the next stage's
-``init_from`` reads.
+``init_from`` reads. The model trains on GPU ``LOCAL_RANK`` when CUDA is available, else on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .builders import checkpoint_layout, save_model
+import torch
+
+from .builders import OFFICIAL_LAYOUTS, checkpoint_layout, save_model
 from .recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
 
 __all__ = ["main"]
@@ -62,7 +65,11 @@ def _report(output_dir: Path, result: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``vl-train`` / ``python -m vl_train``; returns the exit status."""
+    """Entry point of ``vl-train`` / ``python -m vl_train``; returns the exit status.
+
+    Under ``torchrun`` every rank runs it: the ranks join the process group, shard the model with FSDP2
+    (and the recipe's context / expert parallelism), draw their own batches, and rank 0 prints and writes.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:  # the memory planner's own options (vl_train.plan)
         from .plan import main as plan_main
@@ -78,25 +85,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.recipe:
         _parser().print_usage(sys.stderr)
         return 2
-    from .builders import build_data, build_model
-    from .distill_run import check_teacher
+    from .parallel import init_distributed
 
+    try:
+        distributed = init_distributed()
+    except RuntimeError as exc:
+        print(f"vl-train: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .builders import build_data, build_model
+    from .context_parallel import DataParallelBatches
+    from .distill_run import check_teacher
+    from .parallel import is_main_process, training_device, world_size
+
+    say = print if is_main_process() else _quiet
     try:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.init_from:
             recipe.setdefault("model", {})["init_from"] = args.init_from
         config = resolve_config(recipe, args.output)
         distilling = check_teacher(recipe, config)
+        if distilling and world_size() > 1:
+            raise ValueError("distillation runs on one process; launch it without torchrun")
         model, processor = build_model(recipe.get("model", {}))
-        batches = None if distilling else build_data(recipe.get("data", {}), processor, config)
+        model.to(training_device())
+        batches: Any = None if distilling else build_data(recipe.get("data", {}), processor, config)
+        if batches is not None and world_size() > 1:  # each data-parallel group its own batches
+            batches = DataParallelBatches(batches, config.context_parallel)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vl-train: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"vl-train: recipe {args.recipe} (preset {config.stage}), {sum(p.numel() for p in model.parameters())} parameters"
+    say(
+        f"vl-train: recipe {args.recipe} (preset {config.stage}), {sum(p.numel() for p in model.parameters())} "
+        f"parameters on {training_device()}" + (f", {world_size()} ranks" if world_size() > 1 else "")
     )
     if args.dry_run:
-        print(config)
+        say(config)
         return 0
     from .trainer import Trainer
 
@@ -109,20 +140,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             trainer = Trainer(model, config, batches, **run)
             if trainer.resumed_from is not None:
-                print(f"vl-train: resumed from {trainer.resumed_from} at step {trainer.step}")
+                say(f"vl-train: resumed from {trainer.resumed_from} at step {trainer.step}")
             result = trainer.train()
     except (ValueError, FileNotFoundError) as exc:  # e.g. a folder holding another run, before any training
         print(f"vl-train: error: {exc}", file=sys.stderr)
         return 2
     output_dir = Path(getattr(result, "output_dir", None) or config.output_dir)
     if result.stopped_reason.startswith("interrupted"):
-        print(
-            f"vl-train: {result.stopped_reason} at step {result.steps}: checkpoint {result.checkpoint}; continue with "
-            f"`vl-train {args.recipe} --output {output_dir} --resume` (plus the same --set options)",
-            file=sys.stderr,
-        )
+        if is_main_process():
+            print(
+                f"vl-train: {result.stopped_reason} at step {result.steps}: checkpoint {result.checkpoint}; continue "
+                f"with `vl-train {args.recipe} --output {output_dir} --resume` (plus the same --set options)",
+                file=sys.stderr,
+            )
         return 130
-    save_model(model, processor, output_dir / "model", checkpoint_layout(recipe.get("model", {})))
+    _save_final(model, processor, recipe, output_dir)
+    if not is_main_process():
+        return 0
     _report(output_dir, result)
     examples = getattr(getattr(batches, "stats", None), "report", lambda: "")()
     lost = {k: v for k, v in result.data_stats.items() if k not in ("seen", "rendered")}
@@ -132,3 +166,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(also in metrics.jsonl as data/*):\n{examples}"
         )
     return 0
+
+
+def _quiet(*_args: Any, **_kwargs: Any) -> None:
+    """``print`` on ranks other than 0."""
+
+
+def _save_final(model: Any, processor: Any, recipe: dict[str, Any], output_dir: Path) -> None:
+    """Write ``OUTPUT/model``: the trained model with its processor, in the layout it started from.
+
+    A sharded model has no whole weights on any rank: rank 0 rebuilds the architecture on the CPU and
+    reads the run's final checkpoint into it (written by every rank just before), instead of gathering
+    the full state on every rank.
+    """
+    from .parallel import barrier, is_main_process, world_size
+
+    layout = checkpoint_layout(recipe.get("model", {}))
+    if world_size() == 1:
+        save_model(model, processor, output_dir / "model", layout)
+        return
+    barrier()  # the final checkpoint is complete on every rank
+    if is_main_process():
+        from .builders import build_model
+        from .dcp_checkpoint import export_pretrained
+
+        whole, _ = build_model(recipe.get("model", {}))
+        export_pretrained(output_dir, whole, output_dir / "model", official=layout in OFFICIAL_LAYOUTS)
+        processor.save_pretrained(str(output_dir / "model"))
+    barrier()

@@ -21,7 +21,7 @@ Resume on another world size: DCP reshards the model and optimiser states onto t
 one process included). The data positions are per rank: another world size takes them when every saved
 rank had the same one (a global position, as a sampler over global batches keeps), else it is an error
 naming the ranks that differ. :func:`export_pretrained` writes one Hugging Face checkpoint from a sharded
-one on a single process, without a process group.
+(or full) one on a single process, without a process group.
 
 Notation: ``W`` world size, ``r`` this rank.
 """
@@ -282,10 +282,10 @@ def load_sharded_checkpoint(
 def export_pretrained(
     checkpoint: str | os.PathLike[str], model: nn.Module, out_dir: str | os.PathLike[str], *, official: bool = False
 ) -> Path:
-    """Write one Hugging Face checkpoint (``save_pretrained``) from a sharded checkpoint, on one process.
+    """Write one Hugging Face checkpoint from a training checkpoint (sharded or full), on one process.
 
     Args:
-        checkpoint: A ``checkpoint-<step>`` folder of a sharded run (or a run folder: its newest valid one).
+        checkpoint: A ``checkpoint-<step>`` folder (or a run folder: its newest valid one).
         model: An unsharded model of the run's architecture (its weights are replaced), e.g. built from the
             run's config; no process group is needed.
         out_dir: Where the Hugging Face checkpoint goes.
@@ -296,12 +296,13 @@ def export_pretrained(
         ``out_dir``.
 
     Raises:
-        FileNotFoundError: No sharded checkpoint at ``checkpoint``.
-        ValueError: A file does not match its checksum.
+        FileNotFoundError: No valid checkpoint at ``checkpoint``.
+        ValueError: A file does not match its checksum, or the weights do not fit ``model``.
     """
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
 
-    from .checkpoint import checkpoint_problem, latest_valid_checkpoint
+    from .checkpoint import MODEL_FILE, checkpoint_problem, latest_valid_checkpoint
 
     folder = Path(checkpoint)
     if not (folder / META_FILE).is_file():
@@ -309,15 +310,20 @@ def export_pretrained(
         if found is None:
             raise FileNotFoundError(f"no valid checkpoint in {folder}")
         folder = found
-    if not is_sharded_checkpoint(folder):
-        raise FileNotFoundError(f"{folder} is not a sharded checkpoint (its model.safetensors is already whole)")
     problem = checkpoint_problem(folder)
     if problem is not None:
         raise ValueError(f"checkpoint {folder} is corrupted: {problem}")
-    state = {"model": model.state_dict()}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(folder / SHARDED_DIR), no_dist=True)
-    model.load_state_dict(state["model"])
+    if is_sharded_checkpoint(folder):
+        state = {"model": model.state_dict()}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder / SHARDED_DIR), no_dist=True)
+        weights = state["model"]
+    else:
+        weights = load_file(str(folder / MODEL_FILE))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"the weights of {folder} do not fit {type(model).__name__}: {exc}") from None
     out = Path(out_dir)
     if official:
         from vl_model import export_qwen3_vl

@@ -141,6 +141,7 @@ class DistillTrainer(Trainer):
             raise ValueError(f"teacher vocabulary {teacher_vocab} differs from the student's {student_vocab}")
         self.teacher = teacher.requires_grad_(False).eval()
         super().__init__(model, config, train_batches, **kwargs)
+        self.teacher.to(self.device)  # the frozen teacher runs where the student trains
 
     def accumulate(self, micro: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of the step's micro-batches with the distillation loss; returns ``(loss, 0)``."""
@@ -239,7 +240,7 @@ def run_distill(
     section = dict(recipe.get("teacher") or {})
     spec = teacher_spec(section, distill_spec(config))
     config = config.replace(distill=spec)
-    teacher = load_model(str(section["model"]))
+    teacher = load_model(str(section["model"])).to(next(model.parameters()).device)
     check_processor(teacher, processor)
     data = dict(recipe.get("data", {}))
     if spec.mode == "on_policy":

@@ -60,6 +60,7 @@ __all__ = [
     "rank",
     "root_forward",
     "shard_units",
+    "training_device",
     "world_size",
 ]
 
@@ -132,6 +133,13 @@ def rank() -> int:
 def is_main_process() -> bool:
     """True on rank 0: the process that logs and writes files."""
     return rank() == 0
+
+
+def training_device() -> torch.device:
+    """Where this process trains: GPU ``LOCAL_RANK`` (torchrun's; 0 alone) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def barrier() -> None:
