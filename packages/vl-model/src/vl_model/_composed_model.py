@@ -270,15 +270,8 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                     input_ids, embeds, attention_mask, position_ids, None, image_grid_thw, video_grid_thw
                 )
             else:
-                self._mrope.positions, _ = get_rope_index(
-                    input_ids,
-                    image_grid_thw=image_grid_thw,
-                    video_grid_thw=video_grid_thw,
-                    attention_mask=self._mask_2d(attention_mask),
-                    image_token_id=self.config.image_token_id,
-                    video_token_id=self.config.video_token_id,
-                    spatial_merge_size=self.visual.config.spatial_merge_size,
-                    segment_ids=segment_ids,
+                self._mrope.positions, _ = self._rope_index(
+                    input_ids, image_grid_thw, video_grid_thw, attention_mask, segment_ids
                 )
         extra: dict[str, Any] = {"output_router_logits": True} if output_router_logits else {}
         try:
@@ -346,15 +339,7 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             return None, position_ids
         past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         if past == 0 and input_ids is not None:
-            positions, self.rope_deltas = get_rope_index(
-                input_ids,
-                image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw,
-                attention_mask=self._mask_2d(attention_mask),
-                image_token_id=self.config.image_token_id,
-                video_token_id=self.config.video_token_id,
-                spatial_merge_size=self.visual.config.spatial_merge_size,
-            )
+            positions, self.rope_deltas = self._rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
             return position_ids, positions
         batch, length = embeds.shape[:2]
         steps = torch.arange(past, past + length, device=embeds.device).expand(batch, -1)
@@ -367,6 +352,26 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def _mask_2d(attention_mask: Any) -> torch.Tensor | None:
         return attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
 
+    def _rope_index(
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None,
+        attention_mask: Any,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MRoPE positions ``[3, B, L]`` and ``rope_deltas`` of a batch (``vl_rope.get_rope_index``)."""
+        return get_rope_index(
+            input_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=self._mask_2d(attention_mask),
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            spatial_merge_size=self.visual.config.spatial_merge_size,
+            segment_ids=segment_ids,
+        )
+
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]) -> Any:
         """With MRoPE: ``[4, B, L]`` (text positions + the 3 MRoPE rows), which ``generate`` then
         advances by one per new token on every row (text after the prompt)."""
@@ -377,14 +382,11 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         past = int(cache.get_seq_length()) if cache is not None else 0
         if self._mrope is None or past or ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             return text
-        positions, self.rope_deltas = get_rope_index(
+        positions, self.rope_deltas = self._rope_index(
             ids,
-            image_grid_thw=model_kwargs.get("image_grid_thw"),
-            video_grid_thw=model_kwargs.get("video_grid_thw"),
-            attention_mask=self._mask_2d(model_kwargs.get("attention_mask")),
-            image_token_id=self.config.image_token_id,
-            video_token_id=self.config.video_token_id,
-            spatial_merge_size=self.visual.config.spatial_merge_size,
+            model_kwargs.get("image_grid_thw"),
+            model_kwargs.get("video_grid_thw"),
+            model_kwargs.get("attention_mask"),
         )
         return torch.cat([text.expand(ids.shape[0], -1)[None].to(positions), positions], dim=0)
 

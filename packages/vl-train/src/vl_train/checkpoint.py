@@ -67,6 +67,18 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
 
+    @classmethod
+    def read(cls, folder: Path, meta: dict[str, Any], data_state: Any) -> Checkpoint:
+        """The checkpoint in ``folder`` as its ``meta.json`` (already read) describes it."""
+        return cls(
+            path=folder,
+            step=int(meta["step"]),
+            data_state=data_state,
+            metrics=meta["metrics"],
+            extra=meta["extra"],
+            run_id=meta.get("run_id"),
+        )
+
 
 def rng_state() -> dict[str, Any]:
     """The Python, NumPy (when installed), torch CPU and CUDA generator states as picklable plain values."""
@@ -312,12 +324,4 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
-    meta = json.loads((folder / META_FILE).read_text())
-    return Checkpoint(
-        path=folder,
-        step=int(meta["step"]),
-        data_state=state["data"],
-        metrics=meta["metrics"],
-        extra=meta["extra"],
-        run_id=meta.get("run_id"),
-    )
+    return Checkpoint.read(folder, json.loads((folder / META_FILE).read_text()), state["data"])

@@ -269,14 +269,7 @@ def load_sharded_checkpoint(
     set_rng_state(mine["rng"])
     if saved_world != world_size():
         log.warning("resumed %s, written by %d ranks, on %d", folder, saved_world, world_size())
-    return Checkpoint(
-        path=folder,
-        step=int(meta["step"]),
-        data_state=mine["data"],
-        metrics=meta["metrics"],
-        extra=meta["extra"],
-        run_id=meta.get("run_id"),
-    )
+    return Checkpoint.read(folder, meta, mine["data"])
 
 
 def export_pretrained(

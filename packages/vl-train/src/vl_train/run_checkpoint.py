@@ -192,11 +192,4 @@ def load_run_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     mine = torch.load(mine_file, map_location="cpu", weights_only=True)
     set_rng_state(mine["rng"])
-    return Checkpoint(
-        path=folder,
-        step=int(meta["step"]),
-        data_state=mine["data"],
-        metrics=meta["metrics"],
-        extra=meta["extra"],
-        run_id=meta.get("run_id"),
-    )
+    return Checkpoint.read(folder, meta, mine["data"])
