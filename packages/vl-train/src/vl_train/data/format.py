@@ -145,18 +145,20 @@ def _fail(sample: Mapping[str, Any], message: str) -> DataError:
     return DataError(message, sample_id=None if sid is None else str(sid), location=sample_location(sample))
 
 
-def validate_sample(sample: Any) -> dict[str, Any]:
+def validate_sample(sample: Any, *, prompt_only: bool = False) -> dict[str, Any]:
     """Check a sample's structure (not its media) and return it.
 
     Args:
         sample: A dict in the format of this module's docstring.
+        prompt_only: The sample is a prompt (RL, evaluation): it needs a user turn instead of an
+            assistant turn.
 
     Returns:
         The same dict.
 
     Raises:
-        DataError: Missing or mistyped fields, unknown roles or content items, no assistant turn;
-            the message names the sample id, its location and the offending message index.
+        DataError: Missing or mistyped fields, unknown roles or content items, no assistant turn (no user
+            turn for a prompt); the message names the sample id, its location and the offending message index.
     """
     if not isinstance(sample, dict):
         raise DataError(f"a sample must be a dict, got {type(sample).__name__}")
@@ -188,7 +190,10 @@ def validate_sample(sample: Any) -> dict[str, Any]:
                 raise _fail(sample, f"message {i}: only user messages may hold images or videos")
             if kind == "video" and item.get("fps") is not None and not float(item["fps"]) > 0:
                 raise _fail(sample, f"message {i} item {j}: video fps must be > 0, got {item['fps']}")
-    if not any(m["role"] == "assistant" for m in messages):
+    if prompt_only:
+        if not any(m["role"] == "user" for m in messages):
+            raise _fail(sample, "no user message: nothing to prompt with")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise _fail(sample, "no assistant message: nothing to train on")
     return sample
 
@@ -332,7 +337,8 @@ class HFDataset:
             yield validate_sample(sample) if self.validate else sample
 
 
-def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> Any:
+def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> str:
+    """The JSONL reference of one medium: in-memory media are written into ``folder`` (or inlined)."""
     if not isinstance(value, str | bytes | bytearray | PIL.Image.Image | os.PathLike):
         value = PIL.Image.fromarray(np.asarray(value))  # a frame given as an array
     if isinstance(value, PIL.Image.Image):
@@ -344,8 +350,12 @@ def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> Any:
             return "data:image/png;base64," + base64.b64encode(bytes(value)).decode("ascii")
         name = f"{stem}.png"
         (folder / name).write_bytes(bytes(value))
-        return name
-    return str(value)
+        return f"{folder.name}/{name}"
+    if isinstance(value, str) and value.startswith(_DATA_URI):
+        return value
+    # a file stays where it is: referenced by its absolute path (a reader resolves relative paths against the
+    # JSONL file's folder, not against the working directory this path was relative to)
+    return str(Path(value).resolve())
 
 
 def write_jsonl(
@@ -377,13 +387,13 @@ def write_jsonl(
                         item = dict(item)
                         stem = f"{n}_{i}_{j}"
                         if "image" in item:
-                            ref = _encode_ref(item["image"], media, stem, inline_media)
-                            item["image"] = ref if inline_media else f"{media.name}/{ref}"
+                            item["image"] = _encode_ref(item["image"], media, stem, inline_media)
                         if isinstance(item.get("video"), list):
-                            refs = [
+                            item["video"] = [
                                 _encode_ref(f, media, f"{stem}_{k}", inline_media) for k, f in enumerate(item["video"])
                             ]
-                            item["video"] = refs if inline_media else [f"{media.name}/{r}" for r in refs]
+                        elif isinstance(item.get("video"), str | os.PathLike):
+                            item["video"] = _encode_ref(item["video"], media, stem, inline_media)
                         items.append(item)
                     content = items
                 messages.append({**message, "content": content})
