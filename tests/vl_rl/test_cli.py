@@ -50,8 +50,10 @@ def test_unknown_keys_are_named(capsys: pytest.CaptureFixture[str]) -> None:
             resolve_config(bad)
     with pytest.raises(ValueError, match="'extra'"):
         resolve_config({**recipe, "extra": {}})
-    with pytest.raises(ValueError, match="reward kind"):
-        resolve_config({**recipe, "reward": {"kind": "judge"}})
+    with pytest.raises(ValueError, match=r"unknown keys \['kind'\] in \[reward\]"):
+        resolve_config({**recipe, "reward": {"kind": "synthetic"}})
+    with pytest.raises(ValueError, match=r"keys \['path'\] do not apply to kind = 'synthetic'"):
+        resolve_config({**recipe, "data": {**recipe["data"], "path": "x.jsonl"}})
     assert main(["demo_sapo", "--set", "rl.nope=1", "--dry-run"]) == 2
     assert "unknown RLConfig keys ['nope']" in capsys.readouterr().err
     assert main(["no_such_recipe"]) == 2
@@ -61,12 +63,13 @@ def test_unknown_keys_are_named(capsys: pytest.CaptureFixture[str]) -> None:
 def test_reward_adds_weighted_penalties() -> None:
     sample = SyntheticDataset("train", size=1, tasks=["count"], image_size_range=(48, 64), thinking=0)[0]
     right = str(sample["answer"])
-    assert build_reward({})(sample, right) == 1.0
-    assert build_reward({"format_weight": 0.5})(sample, f"<think>\nfew\n</think>\n\n{right}") == 1.5
+    synthetic = {"verifier": "synthetic"}
+    assert build_reward(synthetic)(sample, right) == 1.0
+    assert build_reward({**synthetic, "format_weight": 0.5})(sample, f"<think>\nfew\n</think>\n\n{right}") == 1.5
     loop = " ".join(["red circle blue square"] * 10) + f" {right}"
     penalty = repetition_penalty(loop)
-    assert penalty < -0.5 and build_reward({})(sample, loop) == 1.0
-    assert build_reward({"repetition_weight": 0.5})(sample, loop) == pytest.approx(1.0 + 0.5 * penalty)
+    assert penalty < -0.5 and build_reward(synthetic)(sample, loop) == 1.0
+    assert build_reward({**synthetic, "repetition_weight": 0.5})(sample, loop) == pytest.approx(1.0 + 0.5 * penalty)
 
 
 def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,9 +109,9 @@ def test_tiny_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_data_grid_reaches_the_prompts() -> None:
-    from vl_rl.cli import _datasets
+    from vl_rl.prompt_data import _synthetic
 
-    train, held = _datasets(
+    train, held = _synthetic(
         {"tasks": ["count"], "size": 4, "heldout_size": 3, "grid": 32, "image_size_range": [64, 100]}
     )
     images = [item["image"] for s in train + held for item in s["messages"][0]["content"] if item["type"] == "image"]
