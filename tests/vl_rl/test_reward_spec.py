@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -140,7 +140,7 @@ def test_your_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 class _JudgeServer(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat-completions endpoint that grades '4' right and anything else wrong."""
 
-    requests: list[dict[str, Any]] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
