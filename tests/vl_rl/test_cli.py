@@ -34,12 +34,23 @@ def _tiny_overrides() -> list[str]:
     return [x for s in sets for x in ("--set", s)]
 
 
-def test_packaged_recipes_are_valid() -> None:
-    assert {"demo_sapo", "demo_gspo"} <= set(packaged_recipes())
+def test_packaged_recipes_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert set(packaged_recipes()) == {"demo_sapo", "demo_gspo", "qwen3_vl_rl", "glm45v_rl"}
     for name in ("demo_sapo", "demo_gspo"):
         config = resolve_config(load_recipe(name))
         assert config.method == name.split("_")[1] and isinstance(config, RLConfig)
-    assert main(["demo_gspo", "--dry-run"]) == 0
+    for name in packaged_recipes():
+        assert main([name, "--dry-run"]) == 0, name
+    qwen, glm = resolve_config(load_recipe("qwen3_vl_rl")), resolve_config(load_recipe("glm45v_rl"))
+    # Qwen3-VL: SAPO, 16 rollouts, the pass-rate filter at 90 %, fixed task ratios (REFERENCE.md section 5)
+    assert (qwen.method, qwen.group_size, qwen.prefilter_rollouts, qwen.prefilter_high) == ("sapo", 16, 16, 0.9)
+    assert qwen.prefilter_drop_all_wrong and qwen.task_ratios and not qwen.rlcs
+    # GLM-4.5V: GRPO without KL, clip-higher, RLCS from offline pass rates, dynamic sampling with the EMA ratio
+    assert (glm.method, glm.kl_coef, glm.clip_low, glm.clip_high) == ("grpo", 0.0, 0.2, 0.28)
+    assert glm.rlcs and glm.prefilter_rollouts > 0 and glm.prefilter_high == 1.0 and not glm.prefilter_drop_all_wrong
+    assert glm.dynamic_sampling and glm.expansion_ema is not None and glm.force_answer and glm.thinking
+    printed = capsys.readouterr().out
+    assert "code_switching" in printed and "repetition" in printed and "verifier 'grounding'" in printed
 
 
 def test_unknown_keys_are_named(capsys: pytest.CaptureFixture[str]) -> None:
@@ -57,7 +68,7 @@ def test_unknown_keys_are_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo_sapo", "--set", "rl.nope=1", "--dry-run"]) == 2
     assert "unknown RLConfig keys ['nope']" in capsys.readouterr().err
     assert main(["no_such_recipe"]) == 2
-    assert "packaged: ['demo_gspo', 'demo_sapo']" in capsys.readouterr().err
+    assert "packaged: ['demo_gspo', 'demo_sapo', 'glm45v_rl', 'qwen3_vl_rl']" in capsys.readouterr().err
 
 
 def test_reward_adds_weighted_penalties() -> None:
