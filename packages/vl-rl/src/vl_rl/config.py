@@ -14,6 +14,7 @@ Notation: ``N`` prompts per step, ``G`` responses per prompt (``group_size``), `
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,7 +32,8 @@ class RLConfig(RunConfig):
     The run settings (``trainable``, ``max_steps``, ``optim``, ``seed``, ``output_dir``, ``save_every``,
     ``keep_last``, ``max_nan_steps``, ``tensorboard``, ``plot``, ``progress``) are
     :class:`vl_train.RunConfig`'s; here ``trainable`` defaults to merger, DeepStack and LLM, ``max_steps``
-    to 50, and ``optim`` to a constant rate (``min_lr_ratio=1``).
+    to 50, and ``optim`` to a constant rate (``min_lr_ratio=1``; an ``optim`` mapping updates that default, as a
+    recipe's ``[optim]`` table does).
 
     Attributes:
         method: Policy loss of :func:`vl_rl.losses.policy_loss` (``sapo``, ``gspo``, ``grpo``, ...).
@@ -127,6 +129,8 @@ class RLConfig(RunConfig):
 
     def __post_init__(self) -> None:
         problems = []
+        if isinstance(self.optim, Mapping):  # a partial [optim] table updates the RL defaults (a constant rate)
+            self.optim = OptimConfig(min_lr_ratio=1.0).replace(**self.optim)
         try:
             super().__post_init__()
         except ValueError as exc:
