@@ -151,9 +151,10 @@ def run_recipe(
     reward = recipe_reward(recipe, config, processor.tokenizer)
     data = load_prompts(recipe.get("data", {}), reward)
     log(f"vl-rl: reward {reward.description}")
-    log("vl-rl: data: " + ", ".join(f"{k} {v}" for k, v in sorted(data.stats.counts.items())))
-    if set(data.stats.counts) - {"prompts", "heldout_prompts", "seen"}:
-        log(f"vl-rl: prompts left out:\n{data.stats.report()}")
+    stats = data.stats
+    log("vl-rl: data: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.counts.items())))
+    for event in sorted(set(stats.counts) - {"prompts", "heldout_prompts"}):
+        log(f"vl-rl: {event} {stats.counts[event]}:" + "".join(f"\n  - {m}" for m in stats.examples.get(event, [])))
     trainer = RLTrainer(
         model,
         processor,
