@@ -119,8 +119,9 @@ class RLTrainer(TrainingLoop):
             metrics); without it such a folder is an error.
 
     Raises:
-        ValueError: No training samples, ``kl_coef > 0`` without a reference model, or prompts per step
-            that the ranks cannot share equally.
+        ValueError: No training samples, ``kl_coef > 0`` without a reference model, prompts per step
+            that the ranks cannot share equally, or ``task_ratios`` that do not weigh exactly the prompts'
+            tasks (``sample["task"]``, ``"default"`` when absent).
     """
 
     config: RLConfig
