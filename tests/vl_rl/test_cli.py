@@ -127,3 +127,17 @@ def test_data_grid_reaches_the_prompts() -> None:
     )
     images = [item["image"] for s in train + held for item in s["messages"][0]["content"] if item["type"] == "image"]
     assert len(images) == 7 and all(im.size[0] % 32 == 0 and im.size[1] % 32 == 0 for im in images)
+
+
+def test_judges_are_bounded_by_the_reward_timeout() -> None:
+    from vl_rl.cli import recipe_reward
+
+    recipe = {"data": {"kind": "jsonl", "path": "x.jsonl"}, "reward": {"judge": {"url": "http://127.0.0.1:9/v1"}}}
+    reward = recipe_reward(recipe, RLConfig(reward_timeout=7.0))
+    assert reward.reward.timeout_s == 7.0  # type: ignore[attr-defined]  # the judge's default: the run's limit
+    assert "timeout_s" not in recipe["reward"]["judge"]  # the recipe itself is left as given
+    slow = {**recipe, "reward": {"tasks": {"free": {"judge": {"url": "http://127.0.0.1:9/v1", "timeout_s": 30.0}}}}}
+    with pytest.raises(
+        ValueError, match=r"\[reward.tasks.free.judge\] timeout_s = 30 exceeds \[rl\] reward_timeout = 7"
+    ):
+        recipe_reward(slow, RLConfig(reward_timeout=7.0))

@@ -84,11 +84,38 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLCo
     return RLConfig.from_dict(rl)
 
 
+def _judge_timeouts(section: Mapping[str, Any], limit: float | None) -> dict[str, Any]:
+    """``[reward]`` with every judge bounded by the run's ``reward_timeout`` (its default ``timeout_s``).
+
+    The trainer abandons a reward call after ``reward_timeout`` seconds; a judge allowed longer would keep
+    calling in the background after its score was already counted as 0.
+    """
+    out = dict(section)
+    tasks = {name: dict(t) if isinstance(t, Mapping) else t for name, t in dict(out.get("tasks", {})).items()}
+    if tasks:
+        out["tasks"] = tasks
+    scopes = [("[reward.judge]", out)]
+    scopes += [(f"[reward.tasks.{name}.judge]", t) for name, t in tasks.items() if isinstance(t, dict)]
+    for where, scope in scopes:
+        judge = scope.get("judge")
+        if not isinstance(judge, Mapping) or limit is None:
+            continue
+        timeout = float(judge.get("timeout_s", limit))
+        if timeout > limit:
+            raise ValueError(
+                f"{where} timeout_s = {timeout:g} exceeds [rl] reward_timeout = {limit:g}: the run would give up on "
+                "the judge first; lower timeout_s or raise reward_timeout"
+            )
+        scope["judge"] = {**judge, "timeout_s": timeout}
+    return out
+
+
 def recipe_reward(recipe: Mapping[str, Any], config: RLConfig, tokenizer: Any = None) -> RecipeReward:
-    """The ``[reward]`` of a recipe (synthetic prompts default to their own verifier)."""
+    """The ``[reward]`` of a recipe (synthetic prompts default to their own verifier; judges are bounded by the
+    run's ``reward_timeout``)."""
     synthetic = recipe.get("data", {}).get("kind", "synthetic") == "synthetic"
     return build_reward(
-        recipe.get("reward", {}),
+        _judge_timeouts(recipe.get("reward", {}), config.reward_timeout),
         tokenizer=tokenizer,
         max_new_tokens=config.max_new_tokens,
         default_verifier="synthetic" if synthetic else None,
