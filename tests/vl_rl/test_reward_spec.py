@@ -123,6 +123,8 @@ def test_your_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("my_rewards", None)
+    monkeypatch.setitem(sys.modules, "my_rewards", None)  # restored (removed) after the test ...
+    monkeypatch.delitem(sys.modules, "my_rewards")  # ... and imported afresh from tmp_path now
     reward = build_reward({"function": "my_rewards:exact", "options": {"case": False}})
     assert reward(prompt(answer="Cat"), "cat") == 1.0 and not reward.needs_answer("default")
     problems = {
