@@ -79,7 +79,7 @@ def run(method: str, seed: int, args: argparse.Namespace, sft: Path, held: list[
         group_size=args.group_size,
         prompts_per_step=args.prompts,
         mini_batches=2,
-        optim={"lr": args.lr, "warmup_steps": 2},
+        optim={"lr": args.lr, "warmup_steps": 2, "min_lr_ratio": 0.1},  # the decay its measured curves used
         max_new_tokens=4,
         temperature=1.0,
         thinking=False,

@@ -1,17 +1,19 @@
-"""The demo's RL stage: SAPO on the image-comparison prompts, reward = the synthetic verifier.
+"""The demo's RL stage: SAPO on the image-comparison prompts, reward = the synthetic verifier, run as a user would.
 
 RL needs room to improve: after S1 the counting and colour answers are nearly always right (about
 96 % and 100 % greedy), so RL there can only show noise. Comparing two images ("which contains more
 blue shapes?") is learned only part way by the supervised stages, so the default ``RLSpec.tasks`` is
 ``("compare",)``; any synthetic image task can be chosen instead.
 
-Runs ``vl_rl.trainer.RLTrainer`` (rollouts with the HF engine, group advantages, the SAPO policy loss)
-on training-split prompts of the target tasks. The reward is ``vl_train.data.synthetic.verify``, which
-the trainer wraps in a ``vl_rl.rewards.SafeReward`` (a raising reward scores 0 and is counted instead of
-stopping the run).
+The stage takes the path a user's RL run takes: the prompts are written as user-format JSONL
+(``prompts/train.jsonl``, images as PNG files beside it; the held-out prompts as ``prompts/heldout.jsonl``),
+the starting model is saved as a checkpoint folder (``start/``), and every run is a recipe
+(:func:`rl_recipe`: ``[model] init_from``, ``[data] kind = "jsonl"``, ``[reward] verifier = "synthetic"``,
+``[rl]``, ``[optim]``) given to the ``vl-rl`` command line's :func:`vl_rl.cli.run_recipe`, which loads the
+model with its processor, checks every prompt, trains with ``vl_rl.trainer.RLTrainer`` and saves the result.
 
 To tell an RL gain from noise, the stage is run once per seed in ``RLSpec.seeds``, each time from the
-same starting weights. For every seed it measures the held-out **sampled reward**: the mean verifier
+same starting checkpoint. For every seed it measures the held-out **sampled reward**: the mean verifier
 score of ``eval_samples_per_prompt`` responses per held-out prompt at the rollout temperature, which is
 the quantity RL maximises. Greedy held-out accuracy is measured too. The model leaves the stage with
 the weights of the first seed's run.
@@ -22,16 +24,27 @@ The stage is skipped, with a message, when ``vl_rl.trainer`` cannot be imported.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from demo_eval import evaluate_samples
 
-__all__ = ["RLRun", "RLSpec", "SeedRun", "record_rewards", "rl_available", "run_rl", "standard_error_over_prompts"]
+__all__ = [
+    "RLRun",
+    "RLSpec",
+    "SeedRun",
+    "record_rewards",
+    "rl_available",
+    "rl_recipe",
+    "run_rl",
+    "standard_error_over_prompts",
+    "write_prompts",
+]
 
 _REWARD_KEYS = ("reward_mean", "reward/mean", "reward", "rewards/mean", "train/reward")
 
@@ -246,63 +259,99 @@ def standard_error_over_prompts(rewards: Sequence[float], per_prompt: int) -> fl
     return math.sqrt(math.fsum((x - mean) ** 2 for x in means) / (n - 1) / n)
 
 
+def write_prompts(spec: RLSpec, folder: Path, seed: int) -> tuple[Path, Path]:
+    """The training and held-out prompts as user-format JSONL (images as PNG files); returns both paths."""
+    from vl_train.data.format import write_jsonl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train = write_jsonl(_samples("train", spec.train_size, spec, seed + 7), folder / "train.jsonl")
+    heldout = write_jsonl(_samples("heldout", spec.eval_size, spec, seed + 11), folder / "heldout.jsonl")
+    return train, heldout
+
+
+def rl_recipe(spec: RLSpec, start: Path, prompts: Path, output_dir: Path, seed: int, progress: bool) -> dict[str, Any]:
+    """The ``vl-rl`` recipe of one seed's run (what ``vl-rl RECIPE.toml`` would read from a file).
+
+    The learning rate decays to 10 % over the run (``min_lr_ratio = 0.1``), the schedule of the measured
+    runs in the README; the held-out evaluation is the stage's own (sampled and greedy), so none in the run.
+    """
+    rl = {
+        "method": spec.method,
+        "group_size": spec.group_size,
+        "prompts_per_step": spec.prompts_per_step,
+        "temperature": spec.temperature,
+        "max_new_tokens": spec.max_new_tokens,
+        "thinking": False,
+        "max_steps": spec.steps,
+        "trainable": list(spec.trainable),
+        "eval_every": 0,
+        "save_every": 0,
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "tensorboard": False,
+        "plot": False,
+        "progress": progress,
+        **spec.extra,
+    }
+    return {
+        "description": f"demo RL stage ({spec.method} on {', '.join(spec.tasks)})",
+        "model": {"init_from": str(start)},
+        "data": {"kind": "jsonl", "path": str(prompts), "policy": "fail"},
+        "optim": {"lr": spec.lr, "min_lr_ratio": 0.1},
+        "rl": rl,
+        "reward": {"verifier": "synthetic"},
+    }
+
+
+def _load_heldout(path: Path) -> list[dict[str, Any]]:
+    from vl_train.data.format import JsonlDataset
+
+    return list(JsonlDataset(path))
+
+
 def run_rl(
     model: Any, processor: Any, spec: RLSpec, output_dir: Path, *, seed: int = 0, progress: bool = True
 ) -> RLRun:
-    """Train ``model`` in place with RL once per ``spec.seeds`` entry (each from the same start).
+    """Train ``model`` in place with RL once per ``spec.seeds`` entry (each from the same start), as recipes.
 
     ``model`` ends with the weights of the first seed's run; ``seed`` offsets the prompt sets and RL seeds.
+    Writes ``prompts/`` (the JSONL), ``start/`` (the starting checkpoint), ``seed<k>/`` (each run, with its
+    ``recipe.toml`` and final ``model/``) into ``output_dir``.
 
     Raises:
         ImportError: ``vl_rl.trainer`` is not importable (check :func:`rl_available` first).
         ValueError: ``spec.seeds`` is empty.
     """
-    from vl_rl.config import RLConfig
-    from vl_rl.trainer import RLTrainer
-    from vl_train.data.synthetic import verify
+    from vl_rl.cli import run_recipe
+    from vl_train.builders import save_model
 
     if not spec.seeds:
         raise ValueError("RLSpec.seeds must name at least one seed")
-    train = _samples("train", spec.train_size, spec, seed + 7)
-    heldout = _samples("heldout", spec.eval_size, spec, seed + 11)
+    output_dir = Path(output_dir)
+    prompts, heldout_path = write_prompts(spec, output_dir / "prompts", seed)
+    heldout = _load_heldout(heldout_path)
     before = _target_reward(model, processor, heldout, spec, progress)
     sampled_before, sampled_se = _sampled_reward(model, processor, heldout, spec)
-    start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = save_model(model, processor, output_dir / "start")
     kept: dict[str, Any] | None = None
     runs: list[SeedRun] = []
     rewards: list[float] = []
     after = before
     for k, rl_seed in enumerate(spec.seeds):
-        model.load_state_dict(start_weights)
-        config = RLConfig(
-            method=spec.method,
-            group_size=spec.group_size,
-            prompts_per_step=spec.prompts_per_step,
-            optim={"lr": spec.lr},
-            temperature=spec.temperature,
-            max_new_tokens=spec.max_new_tokens,
-            thinking=False,
-            max_steps=spec.steps,
-            trainable=spec.trainable,
-            eval_every=0,
-            save_every=0,
-            output_dir=str(output_dir / f"seed{rl_seed}"),
-            seed=seed + rl_seed,
-            tensorboard=False,
-            plot=False,
-            progress=progress,
-            **spec.extra,
-        )
-        trainer = RLTrainer(model, processor, config, train, verify)  # wrapped in a SafeReward inside
+        folder = output_dir / f"seed{rl_seed}"
+        recipe = rl_recipe(spec, start, prompts, folder, seed + rl_seed, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "recipe.toml").write_text(_toml(recipe), encoding="utf-8")
         t0 = time.perf_counter()
-        result = trainer.train()
+        run = run_recipe(recipe, overwrite=True, log=_printer(progress))
         seconds = time.perf_counter() - t0
-        model.eval()
-        greedy_after = _target_reward(model, processor, heldout, spec, progress)
-        runs.append(SeedRun(rl_seed, _sampled_reward(model, processor, heldout, spec)[0], greedy_after, seconds))
+        trained = run.model.eval()
+        greedy_after = _target_reward(trained, run.processor, heldout, spec, progress)
+        sampled_after = _sampled_reward(trained, run.processor, heldout, spec)[0]
+        runs.append(SeedRun(rl_seed, sampled_after, greedy_after, seconds))
         if k == 0:
-            rewards, after = record_rewards(result.records), greedy_after
-            kept = {key: v.detach().clone() for key, v in model.state_dict().items()}
+            rewards, after = record_rewards(run.result.records), greedy_after
+            kept = {key: v.detach().clone() for key, v in trained.state_dict().items()}
     assert kept is not None
     model.load_state_dict(kept)
     model.eval()
@@ -317,3 +366,30 @@ def run_rl(
         seed_runs=runs,
         output_dir=Path(output_dir),
     )
+
+
+def _printer(progress: bool) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        if progress:
+            print(f"demo: {line}")
+
+    return log
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _toml(recipe: dict[str, Any]) -> str:
+    """A recipe dict as the TOML file a user would write (``vl-rl seed0/recipe.toml`` runs it again)."""
+    lines = [f"{k} = {_value(v)}" for k, v in recipe.items() if not isinstance(v, dict)]
+    for section, table in recipe.items():
+        if isinstance(table, dict):
+            lines += [f"\n[{section}]", *(f"{k} = {_value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"

@@ -64,6 +64,7 @@ def test_tutorials_exist() -> None:
         "official-checkpoints.md",
         "training-stages.md",
         "rl-with-sapo.md",
+        "rl-on-your-own-data.md",
         "moe-kernel-in-your-model.md",
     }
     assert expected <= names, f"missing tutorials: {sorted(expected - names)}"

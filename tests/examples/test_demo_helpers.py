@@ -334,3 +334,24 @@ def test_v0_trains_the_tower_alone(tmp_path: Path) -> None:
     settings.grid = 0
     with pytest.raises(ValueError, match="grid > 0"):
         pretrain_tower(model, processor, settings, TowerSpec(steps=1), tmp_path / "V0b", progress=False)
+
+
+def test_rl_recipe_is_what_vl_rl_reads(tmp_path: Path) -> None:
+    """The demo's RL runs are vl-rl recipes: the TOML it writes is the dict it runs, and the CLI accepts it."""
+    if not rl_available():
+        pytest.skip("vl_rl.trainer is not importable")
+    import tomllib
+
+    from demo_rl import _toml, rl_recipe
+
+    from vl_rl.cli import main, resolve_config
+
+    spec = RLSpec(steps=3, extra={"filter_solved": 0.9})
+    recipe = rl_recipe(spec, tmp_path / "start", tmp_path / "train.jsonl", tmp_path / "seed0", 7, progress=False)
+    path = tmp_path / "recipe.toml"
+    path.write_text(_toml(recipe))
+    assert tomllib.loads(path.read_text()) == recipe
+    config = resolve_config(recipe)
+    assert (config.seed, config.max_steps, config.filter_solved, config.trainable) == (7, 3, 0.9, ("llm",))
+    assert (config.optim.lr, config.optim.min_lr_ratio) == (spec.lr, 0.1)  # the measured runs' schedule
+    assert main([str(path), "--dry-run"]) == 0

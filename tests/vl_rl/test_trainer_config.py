@@ -46,3 +46,26 @@ def test_unknown_keys_are_named() -> None:
         RLConfig.from_dict({"learning_rate": 1e-5})
     with pytest.raises(ValueError, match="known keys are"):
         RLConfig().replace(grup_size=4)
+
+
+def test_an_optim_mapping_updates_the_rl_defaults() -> None:
+    # a partial optimiser table keeps the RL default of a constant rate, as a recipe's [optim] section does
+    config = RLConfig(optim={"lr": 3e-4})
+    assert config.optim.lr == 3e-4 and config.optim.min_lr_ratio == 1.0
+    assert RLConfig(optim={"lr": 3e-4, "min_lr_ratio": 0.1}).optim.min_lr_ratio == 0.1
+    assert RLConfig.from_dict(config.to_dict()) == config
+
+
+def test_pipeline_keys_are_checked() -> None:
+    assert RLConfig(task_ratios={"math": 2, "ocr": 1}).task_ratios == {"math": 2.0, "ocr": 1.0}
+    problems = {
+        "set one of them": {"task_ratios": {"a": 1.0}, "rlcs": True},
+        "needs dynamic_sampling": {"expansion_ema": 0.9},
+        "rise strictly": {"rlcs_tiers": (0.0, 0.7, 0.3, 1.0)},
+        "prefilter_rollouts = 1": {"prefilter_rollouts": 1},
+        "weights >= 0": {"task_ratios": {"a": -1.0}},
+        "prefilter_high": {"prefilter_high": 1.5},
+    }
+    for match, overrides in problems.items():
+        with pytest.raises(ValueError, match=match):
+            RLConfig(**overrides)

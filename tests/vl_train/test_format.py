@@ -182,3 +182,34 @@ def test_validate_rejects_bad_fps_by_name(fps: object) -> None:
     sample["messages"][0]["content"][0]["fps"] = fps
     with pytest.raises(DataError, match=r"sample 'v': message 0 item 0: 'fps' must be a positive finite number"):
         validate_sample(sample)
+
+
+def test_prompt_only_samples_need_a_user_turn_not_an_answer() -> None:
+    prompt = text_sample("q-1")
+    prompt["messages"] = [m for m in prompt["messages"] if m["role"] != "assistant"]
+    with pytest.raises(DataError, match="no assistant message"):
+        validate_sample(prompt)
+    assert validate_sample(prompt, prompt_only=True) is prompt
+    prompt["messages"] = [m for m in prompt["messages"] if m["role"] != "user"]
+    with pytest.raises(DataError, match=r"'q-1'.*no user message"):
+        validate_sample(prompt, prompt_only=True)
+
+
+def test_jsonl_rewrite_keeps_file_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # samples read from one JSONL (media paths made absolute) and written to another keep pointing at the
+    # same files; a relative path is relative to the working directory it was given in
+    first = write_jsonl(
+        [image_sample("a", img=image(20, 12, seed=5)), video_sample("v", n_frames=2)], tmp_path / "a.jsonl"
+    )
+    monkeypatch.chdir(tmp_path)
+    loaded = list(JsonlDataset(first))
+    loaded[0]["messages"][0]["content"][0]["image"] = str(
+        Path(loaded[0]["messages"][0]["content"][0]["image"]).relative_to(tmp_path)
+    )
+    again = list(JsonlDataset(write_jsonl(loaded, tmp_path / "out" / "b.jsonl")))
+    assert np.array_equal(
+        np.asarray(load_image(again[0]["messages"][0]["content"][0]["image"], again[0])),
+        np.asarray(image(20, 12, seed=5)),
+    )
+    frames = again[1]["messages"][0]["content"][0]["video"]
+    assert frames == loaded[1]["messages"][0]["content"][0]["video"] and all(Path(f).is_file() for f in frames)

@@ -175,7 +175,8 @@ class PromptEncoding:
         enc = self(
             text=[text],
             images=images or None,
-            videos=videos or None,
+            # nested per prompt (transformers' convention), so a video given as frame paths stays one video
+            videos=[videos] if videos else None,
             video_fps=rates if videos else None,
             add_special_tokens=False,
         )

@@ -49,17 +49,29 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 
 
 def _is_frame(item: object) -> bool:
+    """An image that can only be a frame: a PIL image, an ``[H, W(, C)]`` array or encoded image bytes."""
+    if isinstance(item, bytes | bytearray):
+        return True
     return isinstance(item, PIL.Image.Image) or (isinstance(item, np.ndarray | torch.Tensor) and item.ndim in (2, 3))
 
 
-def _flatten_videos(videos: Any) -> list[Any]:
-    """A flat list of videos from one video, a list of videos, or per-sample lists of videos."""
+def _flatten_videos(videos: Any, depth: int = 0) -> list[Any]:
+    """A flat list of videos from one video, a list of videos, or per-sample lists of videos.
+
+    transformers' nesting: ``videos`` is a list of videos or per-sample lists of videos, and a video is a
+    file path, a 4-D array, or a list of frames. A list of frames (PIL images, arrays, encoded bytes) is one
+    video at any depth; a list at the third level (inside a per-sample list) is always one video, so its
+    frames may also be image file paths (``[[["f0.png", "f1.png"]]]``: one sample, one video of two frames),
+    while a flat list of paths is a list of video files.
+    """
     if isinstance(videos, str | os.PathLike | np.ndarray | torch.Tensor):
         return [videos]
+    if isinstance(videos, bytes | bytearray):
+        raise TypeError("a video cannot be given as encoded bytes: give its frames (a list of images) or a file path")
     if isinstance(videos, Sequence):
-        if len(videos) > 0 and all(_is_frame(v) for v in videos):
+        if len(videos) > 0 and (depth >= 2 or all(_is_frame(v) for v in videos)):
             return [list(videos)]  # a list of frames is one video
-        return [v for item in videos for v in _flatten_videos(item)]
+        return [v for item in videos for v in _flatten_videos(item, depth + 1)]
     raise TypeError(f"unsupported videos type {type(videos).__name__}")
 
 

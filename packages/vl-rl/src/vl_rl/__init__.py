@@ -14,8 +14,13 @@
   force-answer on truncation); ``vl_rl.tools.ToolRolloutEngine`` for "thinking with images" (crop/zoom
   tool outputs fed back as images, masked out of the loss); ``vl_rl.vllm_engine`` for vLLM.
 - ``RLTrainer`` / ``RLConfig``: rollout, rewards, advantages, several mini-batch updates against the
-  rollout's log-probs; checkpoints, resume, JSONL/TensorBoard metrics, a reward-curve PNG.
-  ``evaluate`` scores a model on held-out samples. CLI ``vl-rl RECIPE`` (recipes ``demo_sapo``, ``demo_gspo``).
+  rollout's log-probs; the pass-rate pre-filter, mixed-task ratios, RLCS tiers and the expansion ratio as
+  config keys (``PromptPool``, ``prefilter_prompts``); checkpoints, resume, JSONL/TensorBoard metrics, a
+  reward-curve PNG. ``evaluate`` scores a model on held-out samples.
+- CLI ``vl-rl RECIPE`` (``run_recipe``): your prompts (``load_prompts``: JSONL, ``datasets``, synthetic) and
+  your reward (``build_reward``: a verifier, ``module:callable`` or a judge, weighted terms, per task); recipes
+  ``qwen3_vl_rl``, ``glm45v_rl`` and the demo's ``demo_sapo``, ``demo_gspo``.
+- ``official_weights``: the policy in the official checkpoint layout, what the vLLM engine loads.
 
 The core needs only torch; rollouts and the trainer run models built by ``vl-rl[train]`` (vl-model, vl-train).
 """
@@ -30,7 +35,20 @@ from .sampling import DynamicSampler, ExpansionRatio, FillResult, MixedTaskBatch
 
 __version__ = "0.1.0"
 
-_NEEDS_TRAIN = {"RLConfig": ".config", "RLResult": ".trainer", "RLTrainer": ".trainer"}
+_NEEDS_TRAIN = {
+    "RLConfig": ".config",
+    "RLResult": ".trainer",
+    "RLTrainer": ".trainer",
+    "PromptPool": ".prompt_sampling",
+    "PromptSampler": ".prompt_sampling",
+    "PrefilterResult": ".prefilter",
+    "prefilter_prompts": ".prefilter",
+    "load_prompts": ".prompt_data",
+    "build_reward": ".reward_spec",
+    "RecipeReward": ".reward_spec",
+    "run_recipe": ".cli",
+    "official_weights": ".weight_sync",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -53,23 +71,32 @@ __all__ = [
     "HFRolloutEngine",
     "MixedTaskBatcher",
     "PolicyMethod",
+    "PrefilterResult",
+    "PromptPool",
+    "PromptSampler",
     "RLCSCurriculum",
     "RLConfig",
     "RLResult",
     "RLTrainer",
+    "RecipeReward",
     "Rollout",
     "RolloutEngine",
     "__version__",
     "aggregate",
+    "build_reward",
     "evaluate",
     "filter_dataset",
     "filter_groups",
     "group_advantages",
     "kl_estimate",
+    "load_prompts",
+    "official_weights",
     "pass_rate_filter",
     "pass_rates_from_rewards",
     "policy_loss",
+    "prefilter_prompts",
     "rewards",
     "rollout_logprobs",
+    "run_recipe",
     "select_balanced",
 ]

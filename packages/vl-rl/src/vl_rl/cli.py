@@ -1,59 +1,61 @@
-"""``vl-rl``: run a TOML RL recipe with command-line overrides and report where the outputs went.
+"""``vl-rl``: run an RL recipe (TOML) on your prompts with your reward, from any checkpoint.
 
 Usage::
 
-    vl-rl demo_sapo                                   # a packaged demo recipe (vl_rl/testing/recipes)
-    vl-rl demo_gspo --init-from runs/demo_sft         # start from a vl-train SFT run's output
-    vl-rl my_recipe.toml --set optim.lr=1e-4 --set data.tasks='["count"]' --output runs/x
+    vl-rl qwen3_vl_rl --init-from checkpoints/Qwen3-VL-2B-Instruct --set data.path=data/rl.jsonl
+    vl-rl my_rl.toml --set rl.max_steps=200 --output runs/rl      # a recipe file with overrides
+    vl-rl my_rl.toml --output runs/rl --resume                     # continue a stopped run
+    vl-rl my_rl.toml --dry-run                                     # check every section, train nothing
+    vl-rl --list                                                   # packaged recipes
 
-A recipe has four sections; every key is checked and an unknown one is an error naming it and the
-known ones:
+Recipe sections (every key is checked; an unknown one is an error naming it and listing the known ones):
 
-- ``[model]``: as in ``vl-train`` (:func:`vl_train.builders.build_model`): ``init_from`` (a model folder
-  with its processor, or a previous run's output with ``model/`` in it), else a fresh model from
-  ``[model.text]`` / ``[model.vision]`` and ``tokenizer``; image budgets; ``seed``.
-- ``[data]``: synthetic prompts (:class:`vl_train.data.synthetic.SyntheticDataset`): ``tasks``,
-  ``size``, ``seed``, ``image_size_range``, ``grid`` (cell side; 0 free placement), ``thinking`` (share
-  of samples with reasoning), and the held-out split's ``heldout_size`` (0: no evaluation) and
-  ``heldout_seed``.
-- ``[rl]``: :class:`~vl_rl.config.RLConfig` fields; ``[optim]``: the optimiser
-  (:class:`vl_train.OptimConfig`, the section every trainer shares).
-- ``[reward]``: ``kind = "synthetic"`` (:func:`vl_train.data.synthetic.verify`) plus optional weighted
-  terms ``format_weight`` (:func:`vl_rl.rewards.format_reward`, think tags) and ``repetition_weight``
-  (:func:`vl_rl.rewards.repetition_reward`, in [-1, 0]).
+- ``[model]``: vl-train's (:mod:`vl_train.builders`): ``init_from`` (an official Qwen3-VL checkpoint, ours,
+  a composed one, or a previous run's output; its own processor comes with it) or a fresh model's configs.
+- ``[data]``: the prompts (:mod:`vl_rl.prompt_data`): ``kind = "jsonl" | "hf" | "synthetic"``, ``path``,
+  ``heldout_path`` / ``heldout_split``, ``heldout_size``, ``policy``.
+- ``[reward]``: the reward (:mod:`vl_rl.reward_spec`): ``verifier``, ``function = "module:callable"`` or a
+  ``[reward.judge]`` table, weighted terms, ``[reward.tasks.NAME]`` per task. Synthetic prompts default to
+  their own verifier.
+- ``[rl]``: :class:`~vl_rl.config.RLConfig` fields, the papers' pipelines among them: ``prefilter_rollouts``
+  (offline pass-rate filter), ``task_ratios`` (mixed-task batches), ``rlcs`` (curriculum tiers),
+  ``dynamic_sampling`` with ``expansion_ema``. ``[optim]``: the optimiser (:class:`vl_train.OptimConfig`).
 
 ``--set section.key=value`` parses ``value`` as TOML (``1e-4``, ``true``, ``[1, 2]``), else as a string.
-The run writes ``metrics.jsonl``, checkpoints, ``reward_curve.png`` and the final model as
-``OUTPUT/model`` (``save_pretrained``).
+The run writes ``metrics.jsonl``, checkpoints, ``reward_curve.png``, ``prefilter/`` when filtering, and the
+final model as ``OUTPUT/model`` in the layout it came in (an official checkpoint stays official). Ctrl-C
+finishes the step, writes a checkpoint and exits with status 130, printing the command that resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vl_train import recipe as train_recipe
 from vl_train.config import OptimConfig
 
 from .config import RLConfig
+from .prompt_data import PromptData, check_data_section, load_prompts
+from .reward_spec import REWARD_TYPES, RecipeReward, build_reward
 
-__all__ = ["build_reward", "load_recipe", "main", "packaged_recipes", "resolve_config"]
+__all__ = ["RecipeRun", "build_reward", "load_recipe", "main", "packaged_recipes", "resolve_config", "run_recipe"]
 
 _TOP = {"description", "model", "data", "optim", "rl", "reward"}
-_DATA = {"tasks", "size", "seed", "image_size_range", "grid", "thinking", "heldout_size", "heldout_seed"}
-_REWARD = {"kind", "format_weight", "repetition_weight"}
 
 
 def packaged_recipes() -> list[str]:
-    """Names of the recipes shipped in ``vl_rl/recipes``."""
+    """Names of the recipes shipped in ``vl_rl/recipes`` (and the demo ones in ``vl_rl/testing/recipes``)."""
     return train_recipe.packaged_recipes("vl_rl")
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """Read a recipe file, or a packaged recipe by name (``"demo_sapo"`` or ``"demo_sapo.toml"``).
+    """Read a recipe file, or a packaged recipe by name (``"qwen3_vl_rl"`` or ``"qwen3_vl_rl.toml"``).
 
     Raises:
         FileNotFoundError: Neither a file nor a packaged recipe (the packaged ones are listed).
@@ -68,12 +70,9 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLCo
         ValueError: An unknown key anywhere (named), or invalid values.
     """
     train_recipe.check_keys("the recipe", recipe, _TOP)
-    train_recipe.check_keys("[model]", recipe.get("model", {}), train_recipe.MODEL_KEYS)
-    train_recipe.check_keys("[data]", recipe.get("data", {}), _DATA)
-    reward = recipe.get("reward", {})
-    train_recipe.check_keys("[reward]", reward, _REWARD)
-    if reward.get("kind", "synthetic") != "synthetic":
-        raise ValueError(f"unknown reward kind {reward.get('kind')!r}; kinds are ['synthetic']")
+    train_recipe.check_keys("[model]", recipe.get("model", {}), train_recipe.MODEL_TYPES)
+    check_data_section(recipe.get("data", {}))
+    train_recipe.check_keys("[reward]", recipe.get("reward", {}), REWARD_TYPES)
     rl = dict(recipe.get("rl", {}))
     misplaced = sorted(k for k in rl if k in {f.name for f in dataclasses.fields(OptimConfig)} or k == "optim")
     if misplaced:
@@ -85,42 +84,122 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLCo
     return RLConfig.from_dict(rl)
 
 
-def build_reward(section: Mapping[str, Any]) -> Callable[[dict[str, Any], str], float]:
-    """``reward(sample, response)``: the synthetic verifier plus the weighted format / repetition terms."""
-    from vl_train.data.synthetic import verify
+def _judge_timeouts(section: Mapping[str, Any], limit: float | None) -> dict[str, Any]:
+    """``[reward]`` with every judge bounded by the run's ``reward_timeout`` (its default ``timeout_s``).
 
-    from .evaluate import prompt_of
-    from .rewards import format_reward, repetition_reward
+    The trainer abandons a reward call after ``reward_timeout`` seconds; a judge allowed longer would keep
+    calling in the background after its score was already counted as 0.
+    """
+    out = dict(section)
+    tasks = {name: dict(t) if isinstance(t, Mapping) else t for name, t in dict(out.get("tasks", {})).items()}
+    if tasks:
+        out["tasks"] = tasks
+    scopes = [("[reward.judge]", out)]
+    scopes += [(f"[reward.tasks.{name}.judge]", t) for name, t in tasks.items() if isinstance(t, dict)]
+    for where, scope in scopes:
+        judge = scope.get("judge")
+        if not isinstance(judge, Mapping) or limit is None:
+            continue
+        timeout = float(judge.get("timeout_s", limit))
+        if timeout > limit:
+            raise ValueError(
+                f"{where} timeout_s = {timeout:g} exceeds [rl] reward_timeout = {limit:g}: the run would give up on "
+                "the judge first; lower timeout_s or raise reward_timeout"
+            )
+        scope["judge"] = {**judge, "timeout_s": timeout}
+    return out
 
-    w_format = float(section.get("format_weight", 0.0))
-    w_repeat = float(section.get("repetition_weight", 0.0))
 
-    def reward(sample: dict[str, Any], response: str) -> float:
-        value = verify(sample, response)
-        if w_format:
-            value += w_format * format_reward(prompt_of(sample), response, sample)
-        if w_repeat:
-            value += w_repeat * repetition_reward(prompt_of(sample), response, sample)
-        return value
-
-    reward.__name__ = "synthetic"
-    return reward
+def recipe_reward(recipe: Mapping[str, Any], config: RLConfig, tokenizer: Any = None) -> RecipeReward:
+    """The ``[reward]`` of a recipe (synthetic prompts default to their own verifier; judges are bounded by the
+    run's ``reward_timeout``)."""
+    synthetic = recipe.get("data", {}).get("kind", "synthetic") == "synthetic"
+    return build_reward(
+        _judge_timeouts(recipe.get("reward", {}), config.reward_timeout),
+        tokenizer=tokenizer,
+        max_new_tokens=config.max_new_tokens,
+        default_verifier="synthetic" if synthetic else None,
+    )
 
 
-def _datasets(section: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from vl_train.data.synthetic import SyntheticDataset
+@dataclass
+class RecipeRun:
+    """What :func:`run_recipe` did.
 
-    common: dict[str, Any] = {
-        "tasks": section.get("tasks"),
-        "thinking": float(section.get("thinking", 0.0)),
-        "grid": int(section.get("grid", 0)),
-    }
-    if "image_size_range" in section:
-        common["image_size_range"] = tuple(section["image_size_range"])
-    train = SyntheticDataset("train", size=int(section.get("size", 512)), seed=int(section.get("seed", 0)), **common)
-    size = int(section.get("heldout_size", 64))
-    held = SyntheticDataset("heldout", size=size, seed=int(section.get("heldout_seed", 0)), **common)
-    return list(train), list(held)
+    Attributes:
+        result: The trainer's :class:`~vl_rl.trainer.RLResult`.
+        model: The trained policy (saved as ``OUTPUT/model`` unless the run was interrupted).
+        processor: Its processor.
+        data: The prompts and their counts.
+        reward: The reward.
+        resumed_from: The checkpoint the run continued from (None: a fresh start).
+    """
+
+    result: Any
+    model: Any
+    processor: Any
+    data: PromptData
+    reward: RecipeReward
+    resumed_from: Any = None
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether Ctrl-C / SIGTERM stopped the run (its checkpoint was written; the model was not saved)."""
+        return str(self.result.stopped_reason).startswith("interrupted")
+
+
+def run_recipe(
+    recipe: Mapping[str, Any],
+    *,
+    output: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], object] = print,
+) -> RecipeRun:
+    """Build everything a recipe describes, train, and save the final model (what ``vl-rl`` runs).
+
+    Args:
+        recipe: The recipe (overrides applied).
+        output: Output folder (overrides ``rl.output_dir``).
+        resume: Continue from the newest valid checkpoint in the output folder.
+        overwrite: Start afresh in an output folder that holds another run (deleting it).
+        log: Where progress lines go.
+
+    Raises:
+        ValueError: A bad recipe, a prompt the policy fails on, an output folder holding another run.
+        FileNotFoundError: A checkpoint or data file that does not exist.
+    """
+    from vl_train.builders import build_model, checkpoint_layout, save_model
+
+    from .trainer import RLTrainer
+
+    config = resolve_config(recipe, output)
+    model, processor = build_model(recipe.get("model", {}))
+    reward = recipe_reward(recipe, config, processor.tokenizer)
+    data = load_prompts(recipe.get("data", {}), reward)
+    log(f"vl-rl: reward {reward.description}")
+    stats = data.stats
+    log("vl-rl: data: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.counts.items())))
+    for event in sorted(set(stats.counts) - {"prompts", "heldout_prompts"}):
+        log(f"vl-rl: {event} {stats.counts[event]}:" + "".join(f"\n  - {m}" for m in stats.examples.get(event, [])))
+    trainer = RLTrainer(
+        model,
+        processor,
+        config,
+        data.train,
+        reward,
+        eval_samples=data.heldout or None,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    if trainer.resumed_from is not None:
+        log(f"vl-rl: resumed from {trainer.resumed_from} at step {trainer.step}")
+    log(f"vl-rl: {config.method}, {sum(p.numel() for p in model.parameters())} parameters, {len(data.train)} prompts")
+    result = trainer.train()
+    run = RecipeRun(result, model, processor, data, reward, trainer.resumed_from)
+    if not run.interrupted:
+        save_model(model, processor, result.output_dir / "model", checkpoint_layout(recipe.get("model", {})))
+    return run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,14 +209,43 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output folder (overrides rl.output_dir)")
     parser.add_argument("--init-from", help="start from this model folder or a previous run's output")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start afresh in an output folder that holds a run (deletes it)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="check the recipe and print the config, no training")
     parser.add_argument("--list", action="store_true", help="list the packaged recipes")
     return parser
 
 
+def _report(run: RecipeRun) -> None:
+    result = run.result
+    out = result.output_dir
+    print(f"vl-rl: stopped after {result.steps} steps ({result.stopped_reason})")
+    if result.prefilter is not None:
+        stats = result.prefilter.stats
+        print(
+            f"vl-rl: pass-rate filter kept {int(stats['kept'])} of {int(stats['total'])} prompts "
+            f"({int(stats['too_easy'])} too easy, {int(stats['all_wrong'])} never solved): {out / 'prefilter'}"
+        )
+    if result.eval_history:
+        first, last = result.eval_history[0], result.eval_history[-1]
+        print(
+            f"vl-rl: held-out reward {first['eval_reward']:.3f} (step {first['step']}) -> "
+            f"{last['eval_reward']:.3f} (step {last['step']})"
+        )
+    if result.warning:
+        print(f"vl-rl: warning: {result.warning}", file=sys.stderr)
+    print(f"vl-rl: outputs in {out.resolve()}")
+    print(f"  final model: {(out / 'model').resolve()}")
+    print(f"  metrics: {(out / 'metrics.jsonl').resolve()}")
+    if result.plot is not None:
+        print(f"  reward curve: {result.plot.resolve()}")
+    if result.checkpoint is not None:
+        print(f"  checkpoint: {result.checkpoint.resolve()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``vl-rl`` / ``python -m vl_rl``; returns the exit status."""
-    from vl_train.builders import build_model, checkpoint_layout, save_model
+    """Entry point of ``vl-rl`` / ``python -m vl_rl``; returns the exit status (2: bad input, 130: interrupted)."""
     from vl_train.recipe import apply_overrides
 
     args = _parser().parse_args(argv)
@@ -153,39 +261,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             recipe.setdefault("model", {})["init_from"] = args.init_from
         config = resolve_config(recipe, args.output)
         if args.dry_run:
-            print(f"vl-rl: recipe {args.recipe} is valid; config: {config.to_dict()}")
+            reward = recipe_reward(recipe, config)
+            print(f"vl-rl: recipe {args.recipe} is valid (model and data not loaded); reward {reward.description}")
+            print(f"vl-rl: config: {config.to_dict()}")
             return 0
-        model, processor = build_model(recipe.get("model", {}))
-        train, held = _datasets(recipe.get("data", {}))
+        run = run_recipe(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vl-rl: error: {exc}", file=sys.stderr)
         return 2
-    from .trainer import RLTrainer
-
-    print(f"vl-rl: recipe {args.recipe} ({config.method}), {sum(p.numel() for p in model.parameters())} parameters")
-    trainer = RLTrainer(
-        model,
-        processor,
-        config,
-        train,
-        build_reward(recipe.get("reward", {})),
-        eval_samples=held or None,
-        resume=args.resume,
-    )
-    result = trainer.train()
-    out = result.output_dir
-    save_model(model, processor, out / "model", checkpoint_layout(recipe.get("model", {})))
-    if result.eval_history:
-        first, last = result.eval_history[0], result.eval_history[-1]
+    if run.interrupted:
+        result = run.result
+        command = ["vl-rl", args.recipe, *(["--init-from", args.init_from] if args.init_from else [])]
+        command += ["--output", str(result.output_dir), "--resume", *(x for s in args.overrides for x in ("--set", s))]
         print(
-            f"vl-rl: held-out reward {first['eval_reward']:.3f} (step {first['step']}) -> "
-            f"{last['eval_reward']:.3f} (step {last['step']})"
+            f"vl-rl: {result.stopped_reason} at step {result.steps}: checkpoint {result.checkpoint}; continue with "
+            f"`{shlex.join(command)}`",
+            file=sys.stderr,
         )
-    print(f"vl-rl: outputs in {out.resolve()}")
-    print(f"  final model: {(out / 'model').resolve()}")
-    print(f"  metrics: {(out / 'metrics.jsonl').resolve()}")
-    if result.plot is not None:
-        print(f"  reward curve: {result.plot.resolve()}")
-    if result.checkpoint is not None:
-        print(f"  checkpoint: {result.checkpoint.resolve()}")
+        return 130
+    _report(run)
     return 0

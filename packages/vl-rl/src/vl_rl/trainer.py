@@ -3,13 +3,16 @@
 Implements one RL step of Qwen3-VL's reasoning RL (REFERENCE.md section 5), with the pieces of this
 package and of vl-train:
 
-1. draw ``N`` prompts (seeded per step, so a resumed run draws the same ones); with ``W`` ranks each
-   rank takes ``N / W`` of them;
+1. draw ``N`` prompts (:class:`~vl_rl.prompt_sampling.PromptSampler`: uniformly, in fixed per-task ratios,
+   or by RLCS difficulty tier; a resumed run draws the same ones); with ``W`` ranks each rank takes ``N / W``
+   of them. With ``prefilter_rollouts`` the pool is first cut to the prompts the starting policy solves
+   sometimes but at most ``prefilter_high`` of the time (:mod:`vl_rl.prefilter`, before the first step);
 2. roll out ``G`` responses each (:class:`~vl_rl.rollout.HFRolloutEngine` or any ``RolloutEngine``);
 3. score them with the reward wrapped in :class:`~vl_rl.rewards.SafeReward` (errors and timeouts
    score 0 and are counted); optionally drop groups solved more often than ``filter_solved``
    (Qwen3-VL: 0.9), or resample until every group has mixed rewards (DAPO dynamic sampling,
-   :class:`~vl_rl.sampling.DynamicSampler`);
+   :class:`~vl_rl.sampling.DynamicSampler`, over-sampling by GLM-4.5V's EMA expansion ratio with
+   ``expansion_ema``); RLCS folds every group's pass rate into its tiers;
 4. :func:`~vl_rl.advantages.group_advantages` (zeros for ``G = 1`` and for all-equal groups); a step
    where no group has a learning signal makes no update and is logged as ``no_signal``;
 5. old log-probs of the rollout policy (and of ``ref_model`` when ``kl_coef > 0``), without gradients;
@@ -42,6 +45,7 @@ from vl_train.logprobs import completion_logprobs
 from vl_train.loop import TrainingLoop, TrainResult
 from vl_train.parallel import rank, root_forward, world_size
 
+from ._diagnose import no_signal_message
 from ._dist import agreed
 from .advantages import group_advantages
 from .config import RLConfig
@@ -56,6 +60,8 @@ from .evaluate import (
     sample_reward,
 )
 from .losses import METHOD_DEFAULTS, policy_loss
+from .prefilter import PrefilterResult, prefilter_prompts, write_prefilter_report
+from .prompt_sampling import PromptPool
 from .rewards import SafeReward
 from .rollout import (
     HFRolloutEngine,
@@ -80,10 +86,14 @@ class RLResult(TrainResult):
     Attributes:
         eval_history: ``{"step", "eval_reward", "eval_reward/<task>"}`` per evaluation.
         no_signal_steps: Steps without a learning signal (every group's rewards equal): no update.
+        warning: Why the run probably learned nothing, when most steps had no signal (also warned); else None.
+        prefilter: The pass-rate filter's result when it ran (kept prompts, pass rates, counts).
     """
 
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     no_signal_steps: int = 0
+    warning: str | None = None
+    prefilter: PrefilterResult | None = None
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -109,8 +119,9 @@ class RLTrainer(TrainingLoop):
             metrics); without it such a folder is an error.
 
     Raises:
-        ValueError: No training samples, ``kl_coef > 0`` without a reference model, or prompts per step
-            that the ranks cannot share equally.
+        ValueError: No training samples, ``kl_coef > 0`` without a reference model, prompts per step
+            that the ranks cannot share equally, or ``task_ratios`` that do not weigh exactly the prompts'
+            tasks (``sample["task"]``, ``"default"`` when absent).
     """
 
     config: RLConfig
@@ -146,6 +157,7 @@ class RLTrainer(TrainingLoop):
             ref_model.requires_grad_(False).eval()
         self.eval_history: list[dict[str, Any]] = []
         self.pad_id = int(processor.tokenizer.pad_token_id)
+        self.pool = PromptPool(self.train_samples, config)
         super().__init__(model, config, callbacks=callbacks, resume=resume, overwrite=overwrite)
         self.engine: RolloutEngine = engine or HFRolloutEngine(
             model,
@@ -175,8 +187,44 @@ class RLTrainer(TrainingLoop):
         self.reward.errors = int(extra.get("reward_errors", 0))
         self.reward.timeouts = int(extra.get("reward_timeouts", 0))
 
+    def data_state(self) -> dict[str, Any]:
+        """The prompt pool's state: the pass-rate filter's result, the sampler's and the expansion ratio's."""
+        return self.pool.state_dict()
+
+    def load_data_state(self, state: Any) -> None:
+        """Restore what :meth:`data_state` saved (the filtered prompts are not scored again)."""
+        self.pool.load_state_dict(state)
+
+    def prefilter(self) -> PrefilterResult:
+        """Run the pass-rate filter with the current policy and train on what it keeps (module docstring).
+
+        Writes ``prefilter/`` (:func:`~vl_rl.prefilter.write_prefilter_report`) into the output folder.
+
+        Raises:
+            ValueError: It kept no prompt.
+        """
+        cfg = self.config
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed * 7_919 + 17 + rank())
+            result = prefilter_prompts(
+                self.engine,
+                self.reward,
+                self.train_samples,
+                rollouts=cfg.prefilter_rollouts,
+                high=cfg.prefilter_high,
+                drop_all_wrong=cfg.prefilter_drop_all_wrong,
+                pass_threshold=cfg.pass_threshold,
+                prompts_per_call=max(1, cfg.rollout_batch_size // cfg.prefilter_rollouts),
+            )
+        if rank() == 0:
+            write_prefilter_report(self.output_dir / "prefilter", self.train_samples, result)
+        self.pool.use_prefilter(result)
+        return result
+
     def on_train_start(self) -> None:
-        """Evaluate the starting policy (a fresh run only)."""
+        """Run the pass-rate filter (when asked, once per run); evaluate the starting policy (a fresh run only)."""
+        if self.config.prefilter_rollouts and self.pool.prefilter is None:
+            self.prefilter()
         if self.step == 0 and self.eval_samples and not self.eval_history:
             self.eval_history.append(self._eval_record(0))
 
@@ -193,18 +241,19 @@ class RLTrainer(TrainingLoop):
         return plot_reward_curve(records, self.eval_history, self.output_dir / REWARD_PLOT)
 
     def finish(self, result: TrainResult) -> RLResult:
-        """The :class:`RLResult`; warns when most steps had no learning signal."""
+        """The :class:`RLResult`; warns, naming the causes seen, when most steps had no learning signal."""
         no_signal = sum(bool(r.get("no_signal")) for r in result.records)
-        if result.records and no_signal > len(result.records) / 2:
-            warnings.warn(
-                f"{no_signal} of {len(result.records)} RL steps had no learning signal (every response of every "
-                "group got the same reward), so they changed nothing: the prompts are too easy or too hard for "
-                "the policy, the reward cannot tell responses apart, or group_size is 1",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        message = no_signal_message(result.records, self.config.group_size, self.reward)
+        if message is not None:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         fields = {k: getattr(result, k) for k in result.__dataclass_fields__}
-        return RLResult(**fields, eval_history=list(self.eval_history), no_signal_steps=no_signal)
+        return RLResult(
+            **fields,
+            eval_history=list(self.eval_history),
+            no_signal_steps=no_signal,
+            warning=message,
+            prefilter=self.pool.prefilter,
+        )
 
     def train(self) -> RLResult:
         """Run ``max_steps`` RL steps (see :meth:`vl_train.TrainingLoop.train`); returns an :class:`RLResult`."""
@@ -216,13 +265,7 @@ class RLTrainer(TrainingLoop):
 
     def _draw(self, step: int, round_: int, n: int) -> list[dict[str, Any]]:
         """This rank's share of the ``n`` prompts drawn for ``(step, round_)`` (the same draw on every rank)."""
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 101 + round_)
-        order = torch.randperm(len(self.train_samples), generator=gen).tolist()
-        while len(order) < n:  # fewer samples than prompts per step: draw with repeats
-            order += torch.randperm(len(self.train_samples), generator=gen).tolist()
-        share = n // world_size()
-        mine = order[:n][rank() * share : (rank() + 1) * share]
-        return [self.train_samples[i] for i in mine]
+        return [self.pool.sample(p) for p in self.pool.draw(step, round_, n, rank(), world_size())]
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         """``[N, G]`` rewards of a rollout (failures score 0 and are counted by the SafeReward)."""
@@ -233,13 +276,26 @@ class RLTrainer(TrainingLoop):
         return torch.tensor(values, dtype=torch.float32).reshape(len(rollout.samples), rollout.group_size)
 
     def _rollout(self, step: int) -> tuple[Rollout, torch.Tensor, dict[str, Any]]:
-        cfg = self.config
         info: dict[str, Any] = {}
-        n, g = cfg.prompts_per_step, cfg.group_size
+        drawn: list[tuple[list[int], torch.Tensor]] = []
 
         def groups(k: int, round_: int = 0) -> tuple[Rollout, torch.Tensor]:
-            rollout = self.engine.generate(self._draw(step, round_, k * world_size()), g)
-            return rollout, self.score(rollout)
+            positions = self.pool.draw(step, round_, k * world_size(), rank(), world_size())
+            rollout = self.engine.generate([self.pool.sample(p) for p in positions], self.config.group_size)
+            rewards = self.score(rollout)
+            drawn.append((positions, rewards))
+            return rollout, rewards
+
+        out = self._sample_groups(groups, info)
+        self.pool.observe(drawn)  # RLCS learns from every group generated, the dropped ones too
+        info.update(self.pool.metrics())
+        return out
+
+    def _sample_groups(
+        self, groups: Callable[..., tuple[Rollout, torch.Tensor]], info: dict[str, Any]
+    ) -> tuple[Rollout, torch.Tensor, dict[str, Any]]:
+        cfg = self.config
+        n, g = cfg.prompts_per_step, cfg.group_size
 
         if cfg.dynamic_sampling:
             rounds = iter(range(1, 1 << 20))
@@ -251,7 +307,8 @@ class RLTrainer(TrainingLoop):
                 return [(len(parts) - 1, i) for i in range(k)], rewards
 
             share = n // world_size()
-            fill = DynamicSampler(on_shortfall="warn").fill_batch(generate_groups, share, cfg.max_sample_rounds)
+            sampler = DynamicSampler(self.pool.expansion, on_shortfall="warn")
+            fill = sampler.fill_batch(generate_groups, share, cfg.max_sample_rounds)
             info.update(sample_rounds=fill.rounds, groups_generated=fill.generated)
             if not fill.groups:
                 last = parts[-1]
@@ -418,7 +475,7 @@ class RLTrainer(TrainingLoop):
         """One untrained row (its mask all False) standing in for an empty rollout on this rank."""
         if rollout.sequences.shape[0]:
             return subset_groups(rollout, [0]) if rollout.samples else rollout
-        sample = self._draw(self.step, 0, world_size())[0]
+        sample = self.pool.sample(0)  # not drawn: a draw would move RLCS on this rank only
         one = self.engine.generate([sample], 1, greedy=True)
         one.completion_mask = torch.zeros_like(one.completion_mask)
         return one

@@ -6,9 +6,16 @@ it returns is built with our processor exactly as :class:`~vl_rl.rollout.HFRollo
 pixels). Each sample becomes one request ``{"prompt": text, "multi_modal_data": {"image": [...]}}``
 with ``SamplingParams(n=G, ...)``; greedy decoding uses ``temperature=0`` and ``n=1`` per copy.
 
-The policy's weights change every step: call :meth:`VLLMRolloutEngine.sync_weights` after the update
-(it hands ``(name, tensor)`` pairs to ``weight_loader``, by default the in-process vLLM model's
-``load_weights``). Forced answers after truncation are not applied by this engine.
+The policy's weights change every step: :class:`~vl_rl.trainer.RLTrainer` calls
+:meth:`VLLMRolloutEngine.sync_weights` after every update. It hands ``(name, tensor)`` pairs in the official
+checkpoint layout (:func:`vl_rl.weight_sync.official_weights`: the names and shapes vLLM's Qwen3-VL
+``load_weights`` reads from Hub files) to ``weight_loader``, by default the in-process vLLM model's
+``load_weights``. Forced answers after truncation are not applied by this engine, and prompts with videos
+are refused (:func:`~vl_rl.rollout.prompt_text`).
+
+Tested on CPU with a stand-in ``LLM`` (the same calls and tensors); running a real vLLM engine (its
+sampling, its ``load_weights`` and the path to its in-process model, which changes between vLLM
+versions) needs a GPU and is not covered by the CPU tests.
 
 Notation: ``N`` prompts, ``G`` responses per prompt.
 """
@@ -21,6 +28,7 @@ from typing import Any
 import torch
 
 from .rollout import HFRolloutEngine, Rollout, encode_prompt, prompt_text
+from .weight_sync import official_weights
 
 __all__ = ["VLLMRolloutEngine", "require_vllm"]
 
@@ -133,7 +141,7 @@ class VLLMRolloutEngine(HFRolloutEngine):
         return self.assemble(list(samples), group_size, rows, completions, trained, truncated)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights into vLLM (call after every policy update).
+        """Load ``model``'s current weights into vLLM in the official layout (after every policy update).
 
         Raises:
             RuntimeError: No ``weight_loader`` was given and the vLLM model cannot be reached in-process.
@@ -147,4 +155,4 @@ class VLLMRolloutEngine(HFRolloutEngine):
                 raise RuntimeError(
                     "cannot reach the vLLM model in this process; pass weight_loader=... to VLLMRolloutEngine"
                 ) from exc
-        loader((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        loader(official_weights(model))

@@ -117,7 +117,8 @@ def resolve_media(sample: dict[str, Any], base: Path) -> dict[str, Any]:
     return sample
 
 
-def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> Any:
+def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> str:
+    """The JSONL reference of one medium: in-memory media are written into ``folder`` (or inlined)."""
     if not isinstance(value, str | bytes | bytearray | PIL.Image.Image | os.PathLike):
         value = PIL.Image.fromarray(np.asarray(value))  # a frame given as an array
     if isinstance(value, PIL.Image.Image):
@@ -129,8 +130,12 @@ def _encode_ref(value: Any, folder: Path, stem: str, inline: bool) -> Any:
             return "data:image/png;base64," + base64.b64encode(bytes(value)).decode("ascii")
         name = f"{stem}.png"
         (folder / name).write_bytes(bytes(value))
-        return name
-    return str(value)
+        return f"{folder.name}/{name}"
+    if isinstance(value, str) and value.startswith(_DATA_URI):
+        return value
+    # a file stays where it is, by its absolute path: a reader resolves relative paths against the JSONL
+    # file's folder, not against the working directory this path was relative to
+    return str(Path(value).resolve())
 
 
 def write_jsonl(
@@ -162,13 +167,13 @@ def write_jsonl(
                         item = dict(item)
                         stem = f"{n}_{i}_{j}"
                         if "image" in item:
-                            ref = _encode_ref(item["image"], media, stem, inline_media)
-                            item["image"] = ref if inline_media else f"{media.name}/{ref}"
+                            item["image"] = _encode_ref(item["image"], media, stem, inline_media)
                         if isinstance(item.get("video"), list):
-                            refs = [
+                            item["video"] = [
                                 _encode_ref(f, media, f"{stem}_{k}", inline_media) for k, f in enumerate(item["video"])
                             ]
-                            item["video"] = refs if inline_media else [f"{media.name}/{r}" for r in refs]
+                        elif isinstance(item.get("video"), str | os.PathLike):
+                            item["video"] = _encode_ref(item["video"], media, stem, inline_media)
                         items.append(item)
                     content = items
                 messages.append({**message, "content": content})

@@ -163,17 +163,20 @@ def _positive_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def validate_sample(sample: Any) -> dict[str, Any]:
+def validate_sample(sample: Any, *, prompt_only: bool = False) -> dict[str, Any]:
     """Check a sample's structure (not its media) and return it.
 
     Args:
         sample: A dict in the format of this module's docstring.
+        prompt_only: The sample is a prompt (RL, evaluation): it needs a user turn instead of an
+            assistant turn.
 
     Returns:
         The same dict.
 
     Raises:
-        DataError: Missing or mistyped fields, unknown roles or content items, no assistant turn;
+        DataError: Missing or mistyped fields, unknown roles or content items, no assistant turn (no user
+            turn for a prompt);
             the message names the sample id, its location and the offending message index.
     """
     if not isinstance(sample, dict):
@@ -209,7 +212,10 @@ def validate_sample(sample: Any) -> dict[str, Any]:
                     sample,
                     f"message {i} item {j}: 'fps' must be a positive finite number, got {_short(item['fps'])}",
                 )
-    if not any(m["role"] == "assistant" for m in messages):
+    if prompt_only:
+        if not any(m["role"] == "user" for m in messages):
+            raise _fail(sample, "no user message: nothing to prompt with")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise _fail(sample, "no assistant message: nothing to train on")
     marker = marker_problem(sample)
     if marker is not None:

@@ -74,7 +74,16 @@ def prompt_inputs(processor: Any, sample: Mapping[str, Any], thinking: bool | No
             ``None``: thinking exactly when the sample has ``reasoning``.
 
     Raises:
-        DataError: Missing media or no user turn (see :func:`sample_messages`).
+        DataError: Missing media or no user turn (see :func:`sample_messages`), or media the processor
+            rejects (frames of different sizes, an unreadable video file, ...): the sample named.
     """
     messages = sample_messages(sample, prompt_only=True)
-    return processor.encode_prompt(messages, thinking=wants_thinking(sample, thinking))
+    try:
+        return processor.encode_prompt(messages, thinking=wants_thinking(sample, thinking))
+    except (OSError, TypeError, ValueError) as exc:
+        sid = sample.get("id")
+        raise DataError(
+            f"its prompt could not be encoded: {exc}",
+            sample_id=None if sid is None else str(sid),
+            location=sample_location(sample),
+        ) from exc
