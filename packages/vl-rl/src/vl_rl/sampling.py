@@ -191,6 +191,8 @@ class DynamicSampler:
         generate_groups_fn: Callable[[int], tuple[Sequence[Any], torch.Tensor]],
         target_groups: int,
         max_rounds: int = 8,
+        *,
+        agree: Callable[[int, Callable[..., Any]], int] | None = None,
     ) -> FillResult:
         """Generate rounds of groups until ``target_groups`` non-degenerate ones are collected.
 
@@ -199,31 +201,36 @@ class DynamicSampler:
                 of groups (the extra ones are discarded once the batch is full).
             target_groups: groups wanted, >= 1.
             max_rounds: rounds allowed, >= 1.
+            agree: ``(value, op) -> op of value over every rank`` (``op`` is ``max`` or ``sum``) when
+                several ranks fill their own batches with a sharded model: generating is a collective
+                there, so every rank then runs as many rounds, each asking for as many groups, until
+                every rank is full (a full rank's extra groups are discarded), and the expansion ratio
+                learns from every rank's groups (the same ratio everywhere).
 
         Returns:
             The kept groups, their rewards and the number of rounds used.
         """
         if target_groups < 1 or max_rounds < 1:
             raise ValueError(f"target_groups and max_rounds must be >= 1, got {target_groups}, {max_rounds}")
+        every = agree if agree is not None else (lambda value, op: value)
         kept: list[Any] = []
         kept_rewards: list[torch.Tensor] = []
         generated = 0
         rounds = 0
-        while len(kept) < target_groups and rounds < max_rounds:
+        while rounds < max_rounds and every(target_groups - len(kept), max) > 0:
             missing = target_groups - len(kept)
             ask = self.expansion.oversample(missing) if self.expansion else missing
-            groups, rewards = generate_groups_fn(ask)
+            groups, rewards = generate_groups_fn(every(ask, max))
             rounds += 1
             if len(groups) != rewards.shape[0] or rewards.dim() != 2:
                 raise ValueError(
                     f"generate_groups_fn returned {len(groups)} groups but rewards of shape {tuple(rewards.shape)}"
                 )
             generated += len(groups)
-            if len(groups) == 0:
-                continue
-            keep = filter_groups(rewards)
-            if self.expansion is not None:
-                self.expansion.update(1.0 - float(keep.double().mean()))
+            keep = filter_groups(rewards) if len(groups) else torch.zeros(0, dtype=torch.bool)
+            total = every(len(groups), sum)
+            if self.expansion is not None and total:
+                self.expansion.update(every(int((~keep).sum()), sum) / total)
             for i in keep.nonzero().flatten().tolist()[:missing]:
                 kept.append(groups[i])
                 kept_rewards.append(rewards[i])

@@ -308,7 +308,7 @@ class RLTrainer(TrainingLoop):
 
             share = n // world_size()
             sampler = DynamicSampler(self.pool.expansion, on_shortfall="warn")
-            fill = sampler.fill_batch(generate_groups, share, cfg.max_sample_rounds)
+            fill = sampler.fill_batch(generate_groups, share, cfg.max_sample_rounds, agree=agreed)
             info.update(sample_rounds=fill.rounds, groups_generated=fill.generated)
             if not fill.groups:
                 last = parts[-1]
