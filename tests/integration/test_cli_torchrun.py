@@ -1,4 +1,5 @@
-"""``torchrun -m vl_train RECIPE`` on 2 gloo ranks ends in the same model as one process given the same batches.
+"""``torchrun -m vl_train RECIPE`` on 2 gloo ranks ends in the same model as one process given the same batches;
+``torchrun -m vl_rl RECIPE`` trains with a KL reference and hands back a model transformers loads.
 
 Data parallelism (2 ranks x 1 micro-batch == 1 process x 2 accumulated), context parallelism (2 ranks splitting
 each row == 1 process) on an official-layout checkpoint, and expert parallelism (2 ranks holding half the
@@ -32,10 +33,14 @@ _COMMON = [
 ]
 
 
-def _run(args: list[str], *, ranks: int = 1) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], *, ranks: int = 1, module: str = "vl_train", path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if path is not None:  # where the recipe's own modules are
+        env["PYTHONPATH"] = os.pathsep.join([str(path), *filter(None, [os.environ.get("PYTHONPATH")])])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-    command = (launcher if ranks > 1 else [sys.executable]) + ["-m", "vl_train", *args]
+    command = (launcher if ranks > 1 else [sys.executable]) + ["-m", module, *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -87,3 +92,53 @@ def test_torchrun_cli_equals_one_process(tmp_path: Path, parallelism: str) -> No
 
 def _losses(output: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_rl_cli_with_a_kl_reference_ends_in_an_official_checkpoint(tmp_path: Path) -> None:
+    import transformers
+
+    checkpoint = make_official_checkpoint(tmp_path / "official")
+    (tmp_path / "length_reward.py").write_text(
+        "def score(prompt, response, sample):\n    return len(response) / 10  # spread inside every group\n"
+    )
+    recipe = tmp_path / "rl.toml"
+    recipe.write_text(
+        """
+[model]
+max_pixels = 16384
+[data]
+kind = "synthetic"
+tasks = ["count"]
+size = 8
+image_size_range = [64, 96]
+[optim]
+lr = 1e-3
+[rl]
+method = "grpo"
+kl_coef = 0.05
+group_size = 4
+prompts_per_step = 2
+mini_batches = 1
+max_new_tokens = 8
+temperature = 1.5
+thinking = false
+max_steps = 2
+eval_every = 0
+save_every = 0
+plot = false
+progress = false
+[reward]
+function = "length_reward:score"
+format_weight = 0.0
+"""
+    )
+    args = [str(recipe), "--init-from", str(checkpoint), "--output", str(tmp_path / "rl")]
+    done = _run(args, ranks=2, module="vl_rl", path=tmp_path)
+    assert done.stdout.count("vl-rl: stopped after 2 steps") == 1, done.stdout + done.stderr
+    steps = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2], steps
+    updates = [r for r in steps if not r.get("no_signal")]
+    assert updates and all(r["kl"] >= 0.0 for r in updates), steps  # the KL to the frozen starting policy
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "rl" / "model"))
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"

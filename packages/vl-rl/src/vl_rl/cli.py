@@ -7,6 +7,7 @@ Usage::
     vl-rl my_rl.toml --output runs/rl --resume                     # continue a stopped run
     vl-rl my_rl.toml --dry-run                                     # check every section, train nothing
     vl-rl --list                                                   # packaged recipes
+    torchrun --nproc-per-node 8 -m vl_rl my_rl.toml --output runs/rl   # FSDP2 over 8 GPUs
 
 Recipe sections (every key is checked; an unknown one is an error naming it and listing the known ones):
 
@@ -24,12 +25,15 @@ Recipe sections (every key is checked; an unknown one is an error naming it and 
 ``--set section.key=value`` parses ``value`` as TOML (``1e-4``, ``true``, ``[1, 2]``), else as a string.
 The run writes ``metrics.jsonl``, checkpoints, ``reward_curve.png``, ``prefilter/`` when filtering, and the
 final model as ``OUTPUT/model`` in the layout it came in (an official checkpoint stays official). Ctrl-C
-finishes the step, writes a checkpoint and exits with status 130, printing the command that resumes.
+finishes the step, writes a checkpoint and exits with status 130, printing the command that resumes. The
+policy trains on GPU ``LOCAL_RANK`` when CUDA is available, else on the CPU; with ``kl_coef > 0`` the KL
+reference is a frozen copy of the starting policy.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import shlex
 import sys
@@ -169,12 +173,16 @@ def run_recipe(
         ValueError: A bad recipe, a prompt the policy fails on, an output folder holding another run.
         FileNotFoundError: A checkpoint or data file that does not exist.
     """
-    from vl_train.builders import build_model, checkpoint_layout, save_model
+    from vl_train.builders import build_model, save_final_model
+    from vl_train.parallel import training_device
 
     from .trainer import RLTrainer
 
     config = resolve_config(recipe, output)
     model, processor = build_model(recipe.get("model", {}))
+    model.to(training_device())
+    # the KL penalty's reference is the starting policy, frozen (as TRL builds it when beta > 0)
+    ref_model = copy.deepcopy(model) if config.kl_coef > 0 else None
     reward = recipe_reward(recipe, config, processor.tokenizer)
     data = load_prompts(recipe.get("data", {}), reward)
     log(f"vl-rl: reward {reward.description}")
@@ -189,6 +197,7 @@ def run_recipe(
         data.train,
         reward,
         eval_samples=data.heldout or None,
+        ref_model=ref_model,
         resume=resume,
         overwrite=overwrite,
     )
@@ -198,7 +207,7 @@ def run_recipe(
     result = trainer.train()
     run = RecipeRun(result, model, processor, data, reward, trainer.resumed_from)
     if not run.interrupted:
-        save_model(model, processor, result.output_dir / "model", checkpoint_layout(recipe.get("model", {})))
+        save_final_model(model, processor, recipe.get("model", {}), result.output_dir)
     return run
 
 
@@ -245,8 +254,14 @@ def _report(run: RecipeRun) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``vl-rl`` / ``python -m vl_rl``; returns the exit status (2: bad input, 130: interrupted)."""
-    from vl_train.recipe import apply_overrides
+    """Entry point of ``vl-rl`` / ``python -m vl_rl``; returns the exit status (2: bad input, 130: interrupted).
+
+    Under ``torchrun`` every rank runs it: the ranks join the process group, shard the policy with FSDP2 and
+    split each step's prompts; rank 0 prints and writes.
+    """
+    import torch
+
+    from vl_train.parallel import init_distributed
 
     args = _parser().parse_args(argv)
     if args.list:
@@ -256,16 +271,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_usage(sys.stderr)
         return 2
     try:
+        distributed = init_distributed()
+    except RuntimeError as exc:
+        print(f"vl-rl: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vl_train.parallel import is_main_process
+    from vl_train.recipe import apply_overrides
+
+    main_rank = is_main_process()
+    try:
         recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
         if args.init_from:
             recipe.setdefault("model", {})["init_from"] = args.init_from
         config = resolve_config(recipe, args.output)
         if args.dry_run:
             reward = recipe_reward(recipe, config)
-            print(f"vl-rl: recipe {args.recipe} is valid (model and data not loaded); reward {reward.description}")
-            print(f"vl-rl: config: {config.to_dict()}")
+            if main_rank:
+                print(f"vl-rl: recipe {args.recipe} is valid (model and data not loaded); reward {reward.description}")
+                print(f"vl-rl: config: {config.to_dict()}")
             return 0
-        run = run_recipe(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite)
+        log = print if main_rank else (lambda line: None)
+        run = run_recipe(recipe, output=args.output, resume=args.resume, overwrite=args.overwrite, log=log)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vl-rl: error: {exc}", file=sys.stderr)
         return 2
@@ -273,11 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run.result
         command = ["vl-rl", args.recipe, *(["--init-from", args.init_from] if args.init_from else [])]
         command += ["--output", str(result.output_dir), "--resume", *(x for s in args.overrides for x in ("--set", s))]
-        print(
-            f"vl-rl: {result.stopped_reason} at step {result.steps}: checkpoint {result.checkpoint}; continue with "
-            f"`{shlex.join(command)}`",
-            file=sys.stderr,
-        )
+        if main_rank:
+            print(
+                f"vl-rl: {result.stopped_reason} at step {result.steps}: checkpoint {result.checkpoint}; continue "
+                f"with `{shlex.join(command)}`",
+                file=sys.stderr,
+            )
         return 130
-    _report(run)
+    if main_rank:
+        _report(run)
     return 0

@@ -42,6 +42,7 @@ __all__ = [
     "check_processor",
     "checkpoint_layout",
     "load_model",
+    "save_final_model",
     "save_model",
     "weights_folder",
 ]
@@ -330,4 +331,34 @@ def save_model(model: Any, processor: Any, folder: str | Path, layout: str = "vl
     else:
         model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
+    return out
+
+
+def save_final_model(model: Any, processor: Any, model_section: Mapping[str, Any], output_dir: str | Path) -> Path:
+    """Write a finished run's ``OUTPUT/model``: the trained model with its processor, in the layout it started from.
+
+    Every rank calls it. A model sharded over several ranks has no whole weights on any of them: rank 0
+    rebuilds the architecture from ``model_section`` on the CPU and reads the run's newest checkpoint into it
+    (the trainer writes one at the end), instead of gathering the full state on every rank.
+
+    Args:
+        model: The trained model.
+        processor: Its processor.
+        model_section: The recipe's ``[model]`` section (the layout, and the architecture to rebuild).
+        output_dir: The run's output folder.
+    """
+    from .parallel import barrier, is_main_process, world_size
+
+    out = Path(output_dir) / "model"
+    layout = checkpoint_layout(model_section)
+    if world_size() == 1:
+        return save_model(model, processor, out, layout)
+    barrier()  # the final checkpoint is complete on every rank
+    if is_main_process():
+        from .dcp_checkpoint import export_pretrained
+
+        whole, _ = build_model(model_section)
+        export_pretrained(output_dir, whole, out, official=layout in OFFICIAL_LAYOUTS)
+        processor.save_pretrained(str(out))
+    barrier()
     return out

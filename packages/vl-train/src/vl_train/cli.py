@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .builders import OFFICIAL_LAYOUTS, checkpoint_layout, save_model
+from .builders import save_final_model
 from .recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
 
 __all__ = ["main"]
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 130
-    _save_final(model, processor, recipe, output_dir)
+    save_final_model(model, processor, recipe.get("model", {}), output_dir)
     if not is_main_process():
         return 0
     _report(output_dir, result)
@@ -170,27 +170,3 @@ def _run(args: argparse.Namespace) -> int:
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
     """``print`` on ranks other than 0."""
-
-
-def _save_final(model: Any, processor: Any, recipe: dict[str, Any], output_dir: Path) -> None:
-    """Write ``OUTPUT/model``: the trained model with its processor, in the layout it started from.
-
-    A sharded model has no whole weights on any rank: rank 0 rebuilds the architecture on the CPU and
-    reads the run's final checkpoint into it (written by every rank just before), instead of gathering
-    the full state on every rank.
-    """
-    from .parallel import barrier, is_main_process, world_size
-
-    layout = checkpoint_layout(recipe.get("model", {}))
-    if world_size() == 1:
-        save_model(model, processor, output_dir / "model", layout)
-        return
-    barrier()  # the final checkpoint is complete on every rank
-    if is_main_process():
-        from .builders import build_model
-        from .dcp_checkpoint import export_pretrained
-
-        whole, _ = build_model(recipe.get("model", {}))
-        export_pretrained(output_dir, whole, output_dir / "model", official=layout in OFFICIAL_LAYOUTS)
-        processor.save_pretrained(str(output_dir / "model"))
-    barrier()
