@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from vl_train import recipe as train_recipe
-from vl_train.config import OptimConfig
 
 from .config import RLConfig
 from .prompt_data import PromptData, check_data_section, load_prompts
@@ -78,9 +76,7 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> RLCo
     check_data_section(recipe.get("data", {}))
     train_recipe.check_keys("[reward]", recipe.get("reward", {}), REWARD_TYPES)
     rl = dict(recipe.get("rl", {}))
-    misplaced = sorted(k for k in rl if k in {f.name for f in dataclasses.fields(OptimConfig)} or k == "optim")
-    if misplaced:
-        raise ValueError(f"[rl] keys {misplaced} are optimiser settings: put them in the [optim] section")
+    train_recipe.check_no_optim_keys("[rl]", rl)
     if output is not None:
         rl["output_dir"] = output
     if recipe.get("optim"):

@@ -164,28 +164,15 @@ def plot_reward_curve(
     records: Sequence[dict[str, Any]], eval_history: Sequence[dict[str, Any]], path: str | Path
 ) -> Path | None:
     """Train reward per step and held-out reward per evaluation; None when matplotlib is missing."""
-    try:
-        import matplotlib
+    from vl_train.metrics import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(r["step"], r["reward_mean"]) for r in records if isinstance(r.get("reward_mean"), float)]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train reward (sampled)", alpha=0.7)
-    held = [(e["step"], e["eval_reward"]) for e in eval_history]
-    if held:
-        ax.plot(*zip(*held, strict=True), marker="o", label="held-out reward")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    series = {
+        "train reward (sampled)": [
+            (r["step"], r["reward_mean"]) for r in records if isinstance(r.get("reward_mean"), float)
+        ],
+        "held-out reward": [(e["step"], e["eval_reward"]) for e in eval_history],
+    }
+    return plot_curves(series, path, ylabel="reward", markers=("held-out reward",))
 
 
 def merge_results(items: Sequence[tuple[dict[str, Any], list[float], list[str]]]) -> EvalResult:

@@ -14,11 +14,19 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLogger", "NonFiniteGuard", "RankMetrics", "plot_loss_curve"]
+__all__ = [
+    "METRICS_FILE",
+    "PLOT_FILE",
+    "MetricsLogger",
+    "NonFiniteGuard",
+    "RankMetrics",
+    "plot_curves",
+    "plot_loss_curve",
+]
 
 log = logging.getLogger(__name__)
 METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR = "metrics.jsonl", "loss_curve.png", "tensorboard"
@@ -31,29 +39,53 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path | None:
-    """Plot ``loss`` (and ``eval_loss`` where present) against ``step``; ``None`` without matplotlib."""
+def plot_curves(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike[str],
+    *,
+    ylabel: str,
+    xlabel: str = "step",
+    markers: Sequence[str] = (),
+) -> Path | None:
+    """Plot named ``(x, y)`` series (non-finite points left out) into a PNG; ``None`` without matplotlib.
+
+    Args:
+        series: Label -> points; empty series are not drawn.
+        path: The PNG.
+        ylabel: The y axis' label.
+        xlabel: The x axis' label.
+        markers: Labels drawn with a dot at every point (sparse series such as evaluations).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib is not installed: no loss-curve PNG")
+        log.info("matplotlib is not installed: no %s", Path(path).name)
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "eval_loss"):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), float) and math.isfinite(r[key])]
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    for label, points in series.items():
+        finite = [(x, y) for x, y in points if math.isfinite(y)]
+        if finite:
+            dots = label in markers or len(finite) < 50
+            ax.plot([p[0] for p in finite], [p[1] for p in finite], label=label, marker="." if dots else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def plot_loss_curve(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Plot ``loss`` (and ``eval_loss`` where present) against ``step``; ``None`` without matplotlib."""
+    series = {
+        key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), float)] for key in ("loss", "eval_loss")
+    }
+    return plot_curves(series, path, ylabel="loss")
 
 
 class MetricsLogger:

@@ -27,6 +27,7 @@ __all__ = [
     "SOURCE_KEYS",
     "apply_overrides",
     "check_keys",
+    "check_no_optim_keys",
     "check_recipe",
     "load_recipe",
     "packaged_recipes",
@@ -162,6 +163,17 @@ def check_recipe(recipe: Mapping[str, Any]) -> None:
         raise ValueError(f"[data] keys {mixed} describe a single source but [data.sources] is given: move them there")
 
 
+def check_no_optim_keys(where: str, section: Mapping[str, Any]) -> None:
+    """A run section (``[train]``, ``[rl]``) must not hold optimiser settings, which belong in ``[optim]``.
+
+    Raises:
+        ValueError: Naming the misplaced keys.
+    """
+    misplaced = sorted(k for k in section if k in {f.name for f in dataclasses.fields(OptimConfig)} or k == "optim")
+    if misplaced:
+        raise ValueError(f"{where} keys {misplaced} are optimiser settings: put them in the [optim] section")
+
+
 def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> TrainConfig:
     """The recipe's ``TrainConfig``: its ``preset`` with ``[train]``, ``[optim]`` (and ``output``) applied.
 
@@ -172,9 +184,7 @@ def resolve_config(recipe: Mapping[str, Any], output: str | None = None) -> Trai
     preset = str(recipe.get("preset", "custom"))
     base = TrainConfig() if preset == "custom" else stage(preset)
     train = dict(recipe.get("train", {}))
-    misplaced = sorted(k for k in train if k in {f.name for f in dataclasses.fields(OptimConfig)} or k == "optim")
-    if misplaced:
-        raise ValueError(f"[train] keys {misplaced} are optimiser settings: put them in the [optim] section")
+    check_no_optim_keys("[train]", train)
     if output is not None:
         train["output_dir"] = output
     optim = dict(recipe.get("optim", {}))
