@@ -23,7 +23,7 @@ from .processing import VLProcessor
 from .runtime import HiddenStates, MoERouting, TrainableVLM
 from .text import VLTextModel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PARTS",

@@ -19,7 +19,7 @@ from .reference import moe_experts_reference
 from .router import TopKRouter, route, router_probs
 from .torch_experts import torch_moe_experts
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",

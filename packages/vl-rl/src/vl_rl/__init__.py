@@ -33,7 +33,7 @@ from .losses import METHOD_DEFAULTS, PolicyMethod, aggregate, kl_estimate, polic
 from .rollout import HFRolloutEngine, Rollout, RolloutEngine, rollout_logprobs
 from .sampling import DynamicSampler, ExpansionRatio, FillResult, MixedTaskBatcher, filter_groups, select_balanced
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _NEEDS_TRAIN = {
     "RLConfig": ".config",

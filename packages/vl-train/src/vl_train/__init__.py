@@ -35,7 +35,7 @@ from .stages import S0, S1, S2, S3, SFT, SFT_LONG, Distill, DistillSpec, stage
 from .teacher import generate_teacher_data
 from .trainer import OutputDirError, Trainer, TrainResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PARTS",

@@ -47,7 +47,7 @@ from .siglip2 import (
 from .timm_adapter import TimmVisionTower, create_timm_model
 from .tower import VisionOutput, VisionTransformer, build_block
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttnImplementation",
