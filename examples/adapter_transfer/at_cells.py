@@ -31,7 +31,19 @@ from vl_train.data._shapes import COLOURS
 from vl_train.data.messages import prompt_inputs
 from vl_train.data.render import RenderedSample, SampleRenderer
 
-__all__ = ["TextView", "cell_words", "sample_images", "text_prompt_inputs", "to_text_view"]
+__all__ = [
+    "CELLS_PROMPT",
+    "CellListing",
+    "TextView",
+    "cell_listing",
+    "cell_words",
+    "sample_images",
+    "text_prompt_inputs",
+    "to_text_view",
+]
+
+CELLS_PROMPT = "List every cell of the image, row by row."
+"""The question of the ``cells`` alignment task."""
 
 _CODES = tuple((r << 16) | (g << 8) | b for r, g, b in COLOURS.values())
 _NAMES = tuple(COLOURS)
@@ -76,6 +88,45 @@ def cell_words(image: PIL.Image.Image, grid: int) -> list[str]:
             colour = int(found[0])
             words.append(cell_word(_NAMES[colour], _kind(cells[row, column] == _CODES[colour])))
     return words
+
+
+def _spoken(word: str) -> str:
+    """``"<c:red_circle>"`` -> ``"red circle"``, ``"<c:empty>"`` -> ``"empty"``."""
+    return word[3:-1].replace("_", " ")
+
+
+def cell_listing(sample: Mapping[str, Any], grid: int) -> dict[str, Any]:
+    """A ``cells`` alignment sample from the first image of ``sample``: every cell named, row by row.
+
+    The answer (``"red circle, empty, blue star; empty, ..."``, rows separated by ``;``) supervises
+    every visual token, where a question's answer supervises one or two tokens: alignment data, as
+    the captions of Qwen3-VL's stage S0. It is a training task only (no verifier scores it).
+    """
+    image = sample_images(sample)[0]
+    words = cell_words(image, grid)
+    columns = image.width // grid
+    rows = [", ".join(_spoken(w) for w in words[i : i + columns]) for i in range(0, len(words), columns)]
+    return {
+        "id": f"{sample['id']}-cells",
+        "task": "cells",
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": CELLS_PROMPT}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "; ".join(rows) + "."}]},
+        ],
+    }
+
+
+class CellListing:
+    """Map-style dataset of :func:`cell_listing` samples made from another dataset's images."""
+
+    def __init__(self, images: Any, grid: int) -> None:
+        self.images, self.grid = images, grid
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return cell_listing(self.images[index], self.grid)
 
 
 def sample_images(sample: Mapping[str, Any]) -> list[PIL.Image.Image]:

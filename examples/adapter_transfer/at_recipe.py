@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from at_eval import TASKS, evaluate_images, evaluate_text, heldout_samples
 from at_models import (
+    CellNoise,
     ModelSpec,
     changed_parameters,
     compose_cell_embeddings,
@@ -73,13 +74,17 @@ class RecipeSettings:
 
     Attributes:
         model: Sizes of the parts and the scenes.
-        tasks: Task -> sampling weight of every training mixture.
+        tasks: Task -> sampling weight of the supervised mixtures (a run's own ``tasks`` replace it). ``cells``
+            (name every cell, ``at_cells.CellListing``) is alignment data: it supervises every visual token,
+            where a question supervises one answer token.
+        eval_tasks: The tasks scored on held-out samples, scored for filtered SFT and used as GRPO prompts.
         data_size: Training samples per task source.
         instruct: Text pretraining of the instruct LLM.
         reasoning: Fine-tuning of the reasoning LLM (text view, reasoning on a share of the answers).
         stage_a: Stage A (adapter on the instruct LLM).
         stage_c: Stage C (hybrid SFT, adapter only).
         stage_d: Stage D (filtered SFT, adapter only).
+        cell_noise: Noise on the cell embeddings during both LLMs' text training (``at_models.CellNoise``).
         filter_pool: Training items per task scored after C; the wrong ones are D's data.
         grpo: Stage E.
         eval_size: Held-out samples per task.
@@ -87,17 +92,23 @@ class RecipeSettings:
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    tasks: dict[str, float] = field(default_factory=lambda: {"count": 3.0, "colour": 1.0, "compare": 1.0})
+    tasks: dict[str, float] = field(default_factory=lambda: {"count": 3.0, "colour": 2.0, "compare": 1.0, "cells": 1.0})
+    eval_tasks: tuple[str, ...] = TASKS
     data_size: int = 20000
     instruct: SFTSpec = field(
-        default_factory=lambda: SFTSpec("instruct_llm", 1000, 1e-3, ("llm",), text_view=True, warmup_steps=20)
+        default_factory=lambda: SFTSpec("instruct_llm", 1500, 1e-3, ("llm",), text_view=True, warmup_steps=20)
     )
     reasoning: SFTSpec = field(
         default_factory=lambda: SFTSpec("reasoning_llm", 200, 3e-4, ("llm",), thinking=0.5, text_view=True)
     )
-    stage_a: SFTSpec = field(default_factory=lambda: SFTSpec("A_adapter", 300, 1e-3, ADAPTER))
-    stage_c: SFTSpec = field(default_factory=lambda: SFTSpec("C_hybrid_sft", 150, 3e-4, ADAPTER, thinking=0.5))
-    stage_d: SFTSpec = field(default_factory=lambda: SFTSpec("D_filtered_sft", 60, 3e-4, ADAPTER, thinking=0.5))
+    stage_a: SFTSpec = field(
+        default_factory=lambda: SFTSpec(
+            "A_adapter", 500, 2e-3, ADAPTER, tasks={"cells": 3.0, "count": 3.0, "colour": 2.0, "compare": 1.0}
+        )
+    )
+    stage_c: SFTSpec = field(default_factory=lambda: SFTSpec("C_hybrid_sft", 200, 5e-4, ADAPTER, thinking=0.3))
+    stage_d: SFTSpec = field(default_factory=lambda: SFTSpec("D_filtered_sft", 60, 3e-4, ADAPTER, thinking=0.3))
+    cell_noise: float = 0.3
     filter_pool: int = 200
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
     eval_size: int = 100
@@ -129,7 +140,8 @@ class Parts:
 
 def parts_key(settings: RecipeSettings) -> dict[str, Any]:
     """The settings the pretrained parts depend on (a saved set of parts is reused only when they match)."""
-    fields = ("model", "tasks", "data_size", "instruct", "reasoning", "eval_size", "max_new_tokens")
+    fields = ("model", "tasks", "eval_tasks", "data_size", "instruct", "reasoning", "cell_noise", "eval_size")
+    fields += ("max_new_tokens",)
     return json.loads(json.dumps({f: dataclasses.asdict(settings)[f] for f in fields}, default=str))
 
 
@@ -211,20 +223,28 @@ def build_parts(settings: RecipeSettings, heldout: list[dict[str, Any]], output_
     lm = new_language_model(spec, instruct_tok, seed=0)
     compose_cell_embeddings(lm, instruct_tok)
     host = compose(tower, lm, **vision_ids(instruct_tok))  # the LLM trains inside it, on text only
-    sources, ratios = synthetic_sources(settings.tasks, spec, size=settings.data_size, seed=1, thinking=0.0)
-    run = train_sft(
-        host, instruct_proc, sources, ratios, settings.instruct, spec.grid, output_dir, seed=0, progress=progress
+    sources, ratios = synthetic_sources(
+        settings.instruct.tasks or settings.tasks, spec, size=settings.data_size, seed=1, thinking=0.0
     )
+    with CellNoise(lm, instruct_tok, settings.cell_noise, seed=0):
+        run = train_sft(
+            host, instruct_proc, sources, ratios, settings.instruct, spec.grid, output_dir, seed=0, progress=progress
+        )
     seconds["instruct LLM (text view)"] = run.seconds
 
     reasoning = transfer_language_model(lm, instruct_tok, reasoning_tok)
     host = compose(tower, reasoning, **vision_ids(reasoning_tok))
     sources, ratios = synthetic_sources(
-        settings.tasks, spec, size=settings.data_size, seed=2, thinking=settings.reasoning.thinking
+        settings.reasoning.tasks or settings.tasks,
+        spec,
+        size=settings.data_size,
+        seed=2,
+        thinking=settings.reasoning.thinking,
     )
-    run = train_sft(
-        host, reasoning_proc, sources, ratios, settings.reasoning, spec.grid, output_dir, seed=0, progress=progress
-    )
+    with CellNoise(reasoning, reasoning_tok, settings.cell_noise, seed=1):
+        run = train_sft(
+            host, reasoning_proc, sources, ratios, settings.reasoning, spec.grid, output_dir, seed=0, progress=progress
+        )
     seconds["reasoning LLM (text view)"] = run.seconds
 
     parts = Parts(tower, lm, reasoning, instruct_proc, reasoning_proc, seconds=seconds)
@@ -286,7 +306,7 @@ def run_seed(
         )
         eval_time[0] += time.perf_counter() - start
         result.scores[stage] = scores
-        log(f"seed {seed}: {stage}: " + ", ".join(f"{t} {100 * scores[t]:.0f}%" for t in TASKS if t in scores))
+        log(f"seed {seed}: {stage}: " + ", ".join(f"{t} {100 * scores[t]:.0f}%" for t in settings.eval_tasks))
 
     def sft(model: Any, processor: Any, sources: Any, ratios: Any, run: SFTSpec) -> StageRun:
         done = train_sft(model, processor, sources, ratios, run, spec.grid, out, seed=seed, progress=progress)
@@ -301,7 +321,9 @@ def run_seed(
     model = _composed(parts.tower, parts.instruct_lm, parts.instruct_processor)
     fresh_adapter(model.visual, seed)
     frozen = fingerprint(model, ("vision", "llm"))
-    sources, ratios = synthetic_sources(settings.tasks, spec, size=settings.data_size, seed=100 + seed, thinking=0.0)
+    sources, ratios = synthetic_sources(
+        settings.stage_a.tasks or settings.tasks, spec, size=settings.data_size, seed=100 + seed, thinking=0.0
+    )
     sft(model, parts.instruct_processor, sources, ratios, settings.stage_a)
     _check_frozen(frozen, model, ("vision", "llm"), "stage A")
     evaluate("A", model, parts.instruct_processor)
@@ -313,14 +335,14 @@ def run_seed(
 
     thinking = settings.stage_c.thinking
     sources, ratios = synthetic_sources(
-        settings.tasks, spec, size=settings.data_size, seed=200 + seed, thinking=thinking
+        settings.stage_c.tasks or settings.tasks, spec, size=settings.data_size, seed=200 + seed, thinking=thinking
     )
     sft(model, processor, sources, ratios, settings.stage_c)
     evaluate("C", model, processor)
 
     pool = [
         s
-        for task in settings.tasks
+        for task in settings.eval_tasks
         for s in SyntheticDataset(
             "train",
             size=settings.filter_pool,
@@ -342,7 +364,7 @@ def run_seed(
 
     prompts = [
         s
-        for task in settings.tasks
+        for task in settings.eval_tasks
         for s in SyntheticDataset(
             "train",
             size=500,
@@ -363,4 +385,4 @@ def run_seed(
 
 def heldout_set(settings: RecipeSettings) -> list[dict[str, Any]]:
     """The held-out samples every evaluation uses (``eval_size`` per task, seed 0)."""
-    return heldout_samples(list(settings.tasks), settings.eval_size, 0, settings.model)
+    return heldout_samples(settings.eval_tasks, settings.eval_size, 0, settings.model)

@@ -2,8 +2,9 @@
 
 Each stage's accuracy is given as the mean over the seeds +- the sample standard deviation (the
 seed noise). A gain (stage against the baseline, or against the stage before it) is computed per
-seed, on the same held-out samples, and called **above the seed noise** when its mean exceeds twice
-the standard deviation of the per-seed gains, with at least two seeds.
+seed, on the same held-out samples, and called a **gain above the seed noise** when its mean exceeds
+twice the standard deviation of the per-seed gains (a **loss** when it is below minus twice that),
+with at least two seeds; otherwise it is within the seed noise.
 
 Notation: ``S`` seeds, ``T`` tasks.
 """
@@ -62,17 +63,24 @@ class Gain:
         """``mean > 2 std`` over at least two seeds (``None`` with one seed: no spread to compare with)."""
         return None if len(self.per_seed) < 2 else self.mean > 2 * self.std
 
+    @property
+    def verdict(self) -> str:
+        """``"gain above the seed noise"``, ``"loss above the seed noise"`` (``mean < -2 std``), ``"within the
+        seed noise"``, or ``"one seed: no spread"``."""
+        if len(self.per_seed) < 2:
+            return "one seed: no spread"
+        if self.mean > 2 * self.std:
+            return "gain above the seed noise"
+        if self.mean < -2 * self.std:
+            return "loss above the seed noise"
+        return "within the seed noise"
+
     def line(self) -> str:
         """One report line: the mean gain in points, its seed spread and the verdict."""
-        verdict = {
-            None: "one seed: no spread",
-            True: "above the seed noise",
-            False: "NOT above the seed noise",
-        }[self.above_noise]
         seeds = ", ".join(f"{100 * g:+.1f}" for g in self.per_seed)
         return (
-            f"- {self.label}: {100 * self.mean:+.1f} +- {100 * self.std:.1f} points over {len(self.per_seed)} "
-            f"seeds ({seeds}): {verdict}"
+            f"- {self.label}: {100 * self.mean:+.1f} ± {100 * self.std:.1f} points over {len(self.per_seed)} "
+            f"seeds ({seeds}): {self.verdict}"
         )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from at_cells import TextView
+from at_cells import CellListing, TextView
 from at_models import ModelSpec
 from demo_eval import evaluate_samples
 from demo_rl import record_rewards
@@ -33,6 +33,7 @@ from vl_train.data import MixtureSampler, SampleRenderer, SyntheticDataset, veri
 from vl_train.data.stream import PackedStream
 
 __all__ = [
+    "CELLS",
     "GRPOSpec",
     "SFTSpec",
     "StageRun",
@@ -42,6 +43,10 @@ __all__ = [
     "train_sft",
     "wrong_items",
 ]
+
+
+CELLS = "cells"
+"""Task name of the cell-listing alignment task (``at_cells.CellListing``)."""
 
 
 @dataclass
@@ -58,6 +63,7 @@ class SFTSpec:
         warmup_steps: Linear warm-up steps.
         micro_batch_size: Packed rows per step.
         max_length: Tokens per packed row.
+        tasks: Task -> sampling weight of this run (``None``: the recipe's mixture).
     """
 
     name: str
@@ -67,8 +73,9 @@ class SFTSpec:
     thinking: float = 0.0
     text_view: bool = False
     warmup_steps: int = 10
-    micro_batch_size: int = 4
-    max_length: int = 512
+    micro_batch_size: int = 8
+    max_length: int = 256
+    tasks: dict[str, float] | None = None
 
 
 @dataclass
@@ -88,21 +95,26 @@ class StageRun:
 
 def synthetic_sources(
     tasks: Mapping[str, float], spec: ModelSpec, *, size: int, seed: int, thinking: float
-) -> tuple[dict[str, SyntheticDataset], dict[str, float]]:
-    """``(sources, ratios)``: one training-split ``SyntheticDataset`` per task, weighted by ``tasks``."""
-    sources = {
-        task: SyntheticDataset(
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """``(sources, ratios)``: one training-split dataset per task, weighted by ``tasks``.
+
+    Each is a ``SyntheticDataset`` of that task, except ``"cells"``: the ``at_cells.CellListing``
+    alignment task on the images of counting scenes (1 to 8 shapes).
+    """
+
+    def dataset(task: str) -> Any:
+        data = SyntheticDataset(
             "train",
             size=size,
             seed=seed,
-            tasks=[task],
+            tasks=["count" if task == CELLS else task],
             image_size_range=spec.image_size_range,
             thinking=thinking,
             grid=spec.grid,
         )
-        for task in tasks
-    }
-    return sources, {task: float(w) for task, w in tasks.items()}
+        return CellListing(data, spec.grid) if task == CELLS else data
+
+    return {task: dataset(task) for task in tasks}, {task: float(w) for task, w in tasks.items()}
 
 
 def train_sft(

@@ -84,6 +84,7 @@ def cell_word(colour: str | None, kind: str | None) -> str:
 def _pieces() -> list[str]:
     """The plain (non-special) pieces both tokenizers share: unknown, whitespace, characters, words."""
     pieces = ["<unk>", "\n", " ", *(string.ascii_letters + string.digits + string.punctuation), "×", *WORDS]
+    pieces += ["List", "cell", "empty", "by"]  # the words of the ``cells`` alignment task (at_cells)
     return list(dict.fromkeys(pieces))
 
 

@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from at_eval import TASKS
 from at_models import ModelSpec
 from at_recipe import STAGES, RecipeSettings, SeedResult, build_parts, heldout_set, load_parts, run_seed, save_parts
 from at_report import accuracy_table, gain, write_report
@@ -151,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:
         results.append(run_seed(parts, settings, heldout, seed, out, progress=progress))
 
-    tasks = [t for t in TASKS if t in settings.tasks]
+    tasks = list(settings.eval_tasks)
     rows: list[tuple[str, Sequence[dict[str, float]]]] = [
         ("instruct LLM alone, text view (its ceiling)", [parts.ceilings["instruct"]]),
         ("reasoning LLM alone, text view (its ceiling)", [parts.ceilings["reasoning"]]),

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from at_cells import TextView, cell_words, sample_images, to_text_view
+from at_cells import CELLS_PROMPT, CellListing, TextView, cell_words, sample_images, to_text_view
 from at_models import (
     ModelSpec,
     changed_parameters,
@@ -127,7 +127,7 @@ def test_smoke_run_reports_every_stage_over_two_seeds(tmp_path: Path, capsys: py
     for row in ("instruct LLM alone, text view", "reasoning LLM alone, text view", "majority answer", "chance"):
         assert f"| {row}" in report
     assert "| stage | count | colour | compare | mean |" in report
-    assert "E (whole recipe) over the baseline" in report and "over 2 seeds" in report
+    assert "- E (whole recipe) over the baseline: " in report and "over 2 seeds" in report
     assert "image_token_id" in report and "bit-identical" in report
 
     results = json.loads((out / "results.json").read_text())
@@ -268,6 +268,23 @@ def test_the_text_view_counts_like_the_answers() -> None:
         assert hits == sample["answer"], sample["id"]
 
 
+def test_the_cell_listing_names_every_cell_row_by_row() -> None:
+    images = _samples(6)
+    listing = CellListing(images, TINY.grid)
+    assert len(listing) == len(images)
+    for source in images:
+        sample = listing[images.index(source)]
+        image = sample_images(source)[0]
+        words = cell_words(image, TINY.grid)
+        assert sample["messages"][0]["content"][0]["image"] is image
+        assert sample["messages"][0]["content"][1]["text"] == CELLS_PROMPT
+        answer = sample["messages"][1]["content"][0]["text"]
+        rows = answer.rstrip(".").split("; ")
+        assert len(rows) == image.height // TINY.grid
+        named = [cell for row in rows for cell in row.split(", ")]
+        assert named == [w[3:-1].replace("_", " ") for w in words]
+
+
 def test_the_text_view_keeps_the_layout_and_labels(procs: tuple[Any, Any]) -> None:
     processor = procs[0]
     renderer = SampleRenderer(processor)
@@ -348,9 +365,11 @@ def test_report_gives_mean_and_spread_and_judges_gains(tmp_path: Path) -> None:
     assert "| chance | 10.0 | 20.0 | 15.0 |" in table
     up = gain("after over before", after, before)
     assert up.mean == pytest.approx((0.7 + 0.65 + 0.7) / 3) and up.above_noise is True
-    assert "above the seed noise" in up.line() and "NOT" not in up.line()
+    assert up.line().endswith("(+70.0, +65.0, +70.0): gain above the seed noise")
     noisy = gain("noise", [{"count": 0.5}, {"count": 0.3}], [{"count": 0.4}, {"count": 0.4}])
-    assert noisy.above_noise is False and "NOT above the seed noise" in noisy.line()
+    assert noisy.above_noise is False and noisy.line().endswith("within the seed noise")
+    down = gain("down", before, after)
+    assert down.above_noise is False and down.verdict == "loss above the seed noise"
     assert gain("one", after[:1], before[:1]).above_noise is None
     with pytest.raises(ValueError, match="no score for tasks \\['colour'\\]"):
         accuracy_table([("bad", [{"count": 0.5}])], ["count", "colour"])
