@@ -107,7 +107,7 @@ class RecipeSettings:
         )
     )
     stage_c: SFTSpec = field(default_factory=lambda: SFTSpec("C_hybrid_sft", 200, 5e-4, ADAPTER, thinking=0.3))
-    stage_d: SFTSpec = field(default_factory=lambda: SFTSpec("D_filtered_sft", 60, 3e-4, ADAPTER, thinking=0.3))
+    stage_d: SFTSpec = field(default_factory=lambda: SFTSpec("D_filtered_sft", 60, 1e-4, ADAPTER, thinking=0.3))
     cell_noise: float = 0.3
     filter_pool: int = 200
     grpo: GRPOSpec = field(default_factory=GRPOSpec)

@@ -115,6 +115,10 @@ def smoke_settings() -> RecipeSettings:
     )
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def _json(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else str(value)
 
@@ -177,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Tower and LLM checked bit-identical after stage A (instruct LLM) and after stages B to E (reasoning LLM).",
         "Filtered SFT items (wrong after C, of the scored training items): "
         + ", ".join(f"seed {r.seed}: {r.filtered[1]} of {r.filtered[0]}" for r in results),
+        "GRPO training reward (mean of the first 5 steps -> the last 5): "
+        + ", ".join(f"seed {r.seed}: {_mean(r.rewards[:5]):.3f} -> {_mean(r.rewards[-5:]):.3f}" for r in results),
         f"Held-out set: {settings.eval_size} samples per task, greedy non-thinking answers, scored by the synthetic "
         "verifier; accuracy in % as mean ± sample standard deviation over the seeds.",
         f"Seeds {seeds}: each seeds the adapter's initialisation, the data order and the RL sampling; the "
