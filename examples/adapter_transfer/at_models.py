@@ -109,7 +109,7 @@ def new_language_model(spec: ModelSpec, tokenizer: Any, seed: int) -> Any:
     """A fresh Qwen3 causal LM for ``tokenizer`` (untied embeddings, the tokenizer's eos and pad ids)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    ids = special_ids(tokenizer, {"eos_token_id": "<|im_end|>", "pad_token_id": "<|endoftext|>"})
+    ids: dict[str, Any] = special_ids(tokenizer, {"eos_token_id": "<|im_end|>", "pad_token_id": "<|endoftext|>"})
     config = Qwen3Config(
         vocab_size=padded_vocab(tokenizer), tie_word_embeddings=False, bos_token_id=None, **ids, **spec.text
     )
@@ -217,7 +217,7 @@ def fresh_adapter(tower: VisionTransformer, seed: int) -> VisionTransformer:
     return tower
 
 
-def vision_ids(tokenizer: Any) -> dict[str, int]:
+def vision_ids(tokenizer: Any) -> dict[str, Any]:
     """The four placeholder ids ``vl_model.compose`` takes, read from ``tokenizer`` (``KeyError`` if one is missing)."""
     return special_ids(tokenizer, {k: MODEL_TOKENS[k] for k in VISION_FIELDS})
 

@@ -140,8 +140,8 @@ class Parts:
 
 def parts_key(settings: RecipeSettings) -> dict[str, Any]:
     """The settings the pretrained parts depend on (a saved set of parts is reused only when they match)."""
-    fields = ("model", "tasks", "eval_tasks", "data_size", "instruct", "reasoning", "cell_noise", "eval_size")
-    fields += ("max_new_tokens",)
+    fields: tuple[str, ...] = ("model", "tasks", "eval_tasks", "data_size", "instruct", "reasoning")
+    fields += ("cell_noise", "eval_size", "max_new_tokens")
     return json.loads(json.dumps({f: dataclasses.asdict(settings)[f] for f in fields}, default=str))
 
 

@@ -28,7 +28,7 @@ from demo_eval import evaluate_samples
 from demo_rl import record_rewards
 
 from vl_model.parts import PARTS, unfreeze
-from vl_train import TrainConfig, Trainer
+from vl_train import OptimConfig, TrainConfig, Trainer
 from vl_train.data import MixtureSampler, SampleRenderer, SyntheticDataset, verify
 from vl_train.data.stream import PackedStream
 
@@ -136,7 +136,7 @@ def train_sft(
     config = TrainConfig(
         trainable=run.trainable,
         max_steps=run.steps,
-        optim={"lr": run.lr, "warmup_steps": min(run.warmup_steps, run.steps - 1), "weight_decay": 0.0},
+        optim=OptimConfig(lr=run.lr, warmup_steps=min(run.warmup_steps, run.steps - 1), weight_decay=0.0),
         micro_batch_size=run.micro_batch_size,
         max_length=run.max_length,
         packing=True,
@@ -225,7 +225,9 @@ def run_grpo(
         method="grpo",
         group_size=grpo.group_size,
         prompts_per_step=grpo.prompts_per_step,
-        optim={"lr": grpo.lr},
+        # written out: RLConfig(optim={"lr": ...}) builds a fresh OptimConfig, whose cosine decay to 10 %
+        # replaces RLConfig's constant-rate default (reported upstream); the measured runs used this decay
+        optim=OptimConfig(lr=grpo.lr, min_lr_ratio=0.1),
         temperature=grpo.temperature,
         max_new_tokens=grpo.max_new_tokens,
         thinking=False,

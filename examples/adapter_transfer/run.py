@@ -98,7 +98,7 @@ def smoke_settings() -> RecipeSettings:
         max_pixels=64 * 64,
         tower=TowerSpec(steps=2, scenes_per_step=2),
     )
-    small = {"steps": 2, "warmup_steps": 1, "micro_batch_size": 2, "max_length": 256}
+    small: dict[str, Any] = {"steps": 2, "warmup_steps": 1, "micro_batch_size": 2, "max_length": 256}
     base = RecipeSettings()
     return RecipeSettings(
         model=model,

@@ -20,8 +20,10 @@ import pytest
 import torch
 from at_cells import CELLS_PROMPT, CellListing, TextView, cell_words, sample_images, to_text_view
 from at_models import (
+    CellNoise,
     ModelSpec,
     changed_parameters,
+    compose_cell_embeddings,
     fingerprint,
     fresh_adapter,
     new_language_model,
@@ -29,7 +31,7 @@ from at_models import (
     swap_checked,
     vision_ids,
 )
-from at_recipe import ADAPTER
+from at_recipe import ADAPTER, Parts, RecipeSettings, load_parts, save_parts
 from at_report import accuracy_table, gain, mean_std, write_report
 from at_stages import SFTSpec, score_items, synthetic_sources, train_sft, wrong_items
 from at_tokens import (
@@ -232,6 +234,49 @@ def test_swap_to_a_tokenizer_without_the_placeholder_fails_before_swapping(procs
     assert model.language_model is old_lm
 
 
+def test_cell_rows_start_composed_and_train_with_noise_on_cells_only(toks: tuple[Any, Any]) -> None:
+    tok = toks[0]
+    lm = new_language_model(TINY, tok, seed=2)
+    compose_cell_embeddings(lm, tok)
+    table = lm.get_input_embeddings()
+    row = lambda word: table.weight[tok.convert_tokens_to_ids(word)]
+    torch.testing.assert_close(row("<c:blue_star>"), row("blue") + row("star"))
+    ids = torch.tensor([[tok.convert_tokens_to_ids(w) for w in ("<c:blue_star>", "star", "<c:empty>", "blue")]])
+    clean = table(ids)
+    with CellNoise(lm, tok, 0.5, seed=0):
+        table.train()
+        noisy = table(ids)
+        table.eval()
+        assert torch.equal(table(ids), clean)  # no noise outside training
+    assert torch.equal(table.train()(ids), clean)  # the hook is gone after the block
+    moved = (noisy - clean).norm(dim=-1)[0]
+    assert bool(moved[0] > 0) and bool(moved[2] > 0) and moved[1] == 0 and moved[3] == 0
+
+
+def test_saved_parts_come_back_and_refuse_other_settings(tmp_path: Path, procs: tuple[Any, Any]) -> None:
+    instruct, reasoning = procs
+    settings = RecipeSettings(model=TINY)
+    lm = new_language_model(TINY, instruct.tokenizer, 0)
+    parts = Parts(
+        new_tower(TINY, 0),
+        lm,
+        transfer_language_model(lm, instruct.tokenizer, reasoning.tokenizer),
+        instruct,
+        reasoning,
+        ceilings={"instruct": {"count": 0.5}},
+        seconds={"V0 tower": 1.0},
+    )
+    save_parts(parts, settings, tmp_path / "parts.pt")
+    back = load_parts(settings, tmp_path / "parts.pt")
+    for name in ("tower", "instruct_lm", "reasoning_lm"):
+        want, got = getattr(parts, name).state_dict(), getattr(back, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert back.ceilings == parts.ceilings and back.reasoning_lm.generation_config.eos_token_id == 25
+    other = RecipeSettings(model=TINY, cell_noise=0.1)
+    with pytest.raises(ValueError, match=r"built with other settings \(\['cell_noise'\]\)"):
+        load_parts(other, tmp_path / "parts.pt")
+
+
 # ---------------------------------------------------------------------------------------------- text view
 
 
@@ -371,6 +416,12 @@ def test_report_gives_mean_and_spread_and_judges_gains(tmp_path: Path) -> None:
     assert noisy.above_noise is False and noisy.line().endswith("within the seed noise")
     down = gain("down", before, after)
     assert down.above_noise is False and down.verdict == "loss above the seed noise"
+    # near the bar: per-seed changes -0.1 and -0.2 (mean -0.15, std 0.071) are a loss; -0.1 and +0.1 are not
+    small = gain("small", [{"count": 0.3}, {"count": 0.2}], [{"count": 0.4}, {"count": 0.4}])
+    assert small.verdict == "loss above the seed noise"
+    assert gain("mixed", [{"count": 0.3}, {"count": 0.5}], [{"count": 0.4}, {"count": 0.4}]).verdict == (
+        "within the seed noise"
+    )
     assert gain("one", after[:1], before[:1]).above_noise is None
     with pytest.raises(ValueError, match="no score for tasks \\['colour'\\]"):
         accuracy_table([("bad", [{"count": 0.5}])], ["count", "colour"])
