@@ -226,7 +226,7 @@ def swap_checked(model: Any, new_lm: Any, processor: Any) -> dict[str, tuple[int
     """Swap ``new_lm`` into composed ``model``, re-mapping every token id to ``processor``'s tokenizer.
 
     The placeholder and special-token ids are read from the new tokenizer by name (never carried
-    over), passed to ``vl_model.swap_language_model``, set on the generation config, and checked
+    over), passed to ``vl_model.swap_language_model`` (the generation config takes ``new_lm``'s), and checked
     against the processor (``vl_train.builders.check_processor``: ids, vocabulary, patch sizes).
 
     Returns:
@@ -249,10 +249,7 @@ def swap_checked(model: Any, new_lm: Any, processor: Any) -> dict[str, tuple[int
                 f"the new language model's {name} is {getattr(new_lm.config, name)} but its tokenizer's "
                 f"{MODEL_TOKENS[name]} is id {new[name]}"
             )
-    swap_language_model(model, new_lm, **{f: new[f] for f in VISION_FIELDS})
-    # swap_language_model leaves the generation config with the old tokenizer's eos / pad ids
-    # (reported upstream): generate() and the RL rollouts read them, so they are re-mapped here.
-    generation.eos_token_id, generation.pad_token_id = new["eos_token_id"], new["pad_token_id"]
+    swap_language_model(model, new_lm, **{f: new[f] for f in VISION_FIELDS})  # eos / pad follow new_lm's
     check_processor(model, processor)
     now = {f: int(getattr(model.config, f)) for f in VISION_FIELDS}
     now.update(eos_token_id=int(generation.eos_token_id), pad_token_id=int(generation.pad_token_id))

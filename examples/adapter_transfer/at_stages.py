@@ -225,8 +225,7 @@ def run_grpo(
         method="grpo",
         group_size=grpo.group_size,
         prompts_per_step=grpo.prompts_per_step,
-        # written out: RLConfig(optim={"lr": ...}) builds a fresh OptimConfig, whose cosine decay to 10 %
-        # replaces RLConfig's constant-rate default (reported upstream); the measured runs used this decay
+        # cosine decay to 10 % (RLConfig's default is a constant rate): what the measured runs used
         optim=OptimConfig(lr=grpo.lr, min_lr_ratio=0.1),
         temperature=grpo.temperature,
         max_new_tokens=grpo.max_new_tokens,

@@ -331,3 +331,17 @@ def test_config_from_dicts_builds_the_lm_family() -> None:
     assert model(**image_batch()).logits.shape[-1] == VOCAB
     with pytest.raises(ValueError, match="unknown VisionConfig fields"):
         ComposedVLConfig(vision_config={"depth": 2, "bogus": 1}, text_config=lm_config().to_dict())
+
+
+def test_generation_uses_the_swapped_language_models_tokens() -> None:
+    # the reasoning LLM of the adapter-transfer recipe has another tokenizer: its end-of-turn and padding
+    # ids differ, and the old ones are other words of its vocabulary
+    old_config, new_config = lm_config("qwen3"), lm_config("llama")
+    old_config.eos_token_id, old_config.pad_token_id = 10, 11
+    new_config.bos_token_id, new_config.eos_token_id, new_config.pad_token_id = 22, 20, 21
+    torch.manual_seed(0)
+    model = compose(vision_config(), AutoModelForCausalLM.from_config(old_config), **TOKEN_IDS)
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (10, 11)
+    swap_language_model(model, AutoModelForCausalLM.from_config(new_config))
+    generation = model.generation_config
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (22, 20, 21)

@@ -62,6 +62,7 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         language_model: PreTrainedModel | None = None,
     ) -> None:
         super().__init__(config)
+        given_lm = language_model is not None
         for part in (visual, language_model):
             if part is not None:  # already initialised (maybe trained): post_init must leave it alone
                 for module in part.modules():
@@ -79,6 +80,8 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.uniform_vision_pass = False
         self._install_positions()
         self.post_init()
+        if given_lm:  # composed from parts: generate uses this LM's tokens
+            self._take_token_ids(language_model)
 
     def _install_positions(self) -> None:
         if self.config.position_style == "mrope":
@@ -129,6 +132,14 @@ class ComposedVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.config.text_config = language_model.config
         self.config.tie_word_embeddings = bool(getattr(language_model.config, "tie_word_embeddings", False))
         self.post_init()
+        self._take_token_ids(language_model)
+
+    def _take_token_ids(self, language_model: PreTrainedModel) -> None:
+        # generate() must stop and pad with this LM's tokens: after a swap to an LM with another
+        # tokenizer, the previous LM's ids are other tokens of the new vocabulary
+        source = getattr(language_model, "generation_config", None) or language_model.config
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(self.generation_config, key, getattr(source, key, None))
 
     # ------------------------------------------------------------------ vision
 
