@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -82,14 +81,3 @@ class ScriptedModel(torch.nn.Module):
 def ids(processor: Any, text: str) -> list[int]:
     """Token ids of ``text`` (no special tokens added)."""
     return list(processor.tokenizer.encode(text, add_special_tokens=False))
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run tiny models on one thread: on a shared CPU, two threads per op are far slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

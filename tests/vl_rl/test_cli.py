@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _rl_helpers import TINY_MODEL, one_thread
+from _rl_helpers import TINY_MODEL
+from _threads import one_thread
 
 from vl_rl.cli import build_reward, load_recipe, main, packaged_recipes, resolve_config
 from vl_rl.config import RLConfig

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from _rl_helpers import one_thread, samples, tiny
+from _rl_helpers import samples, tiny
+from _threads import one_thread
 
 from vl_rl.evaluate import EvalResult, evaluate, prompt_of, sample_reward
 from vl_rl.rewards import SafeReward

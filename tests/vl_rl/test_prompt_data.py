@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
-pytest.importorskip("vl_train", reason="prompts are read by vl-train's readers")
+# vl-rl's torch-only install has neither vl-train nor numpy / Pillow
+pytest.importorskip("vl_train", reason="prompts are read by vl-train's readers (vl-rl[train])")
+
+import numpy as np
+from PIL import Image
 
 from vl_rl.prompt_data import load_prompts
 from vl_rl.reward_spec import build_reward

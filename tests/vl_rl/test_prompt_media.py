@@ -12,10 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+
+# vl-rl's torch-only install has neither vl-train nor numpy / Pillow
+pytest.importorskip("vl_train", reason="needs vl-rl[train] (vl-train, vl-model) for rollouts and the trainer")
+
+import numpy as np
 import torch
-from _rl_helpers import one_thread, tiny
+from _rl_helpers import tiny
+from _threads import one_thread
 from PIL import Image
 
 from vl_rl.config import RLConfig

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from _rl_helpers import ScriptedModel, ids, one_thread, samples, tiny
+from _rl_helpers import ScriptedModel, ids, samples, tiny
+from _threads import one_thread
 
 from vl_rl.rollout import (
     DEFAULT_ANSWER_CUE,

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from _rl_helpers import one_thread, samples, tiny
+from _rl_helpers import samples, tiny
+from _threads import one_thread
 
 import vl_rl.trainer as trainer_module
 from vl_rl.advantages import group_advantages

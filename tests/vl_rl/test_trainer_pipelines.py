@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _rl_helpers import one_thread, samples, tiny
+from _rl_helpers import samples, tiny
+from _threads import one_thread
 
 from vl_rl.config import RLConfig
 from vl_rl.rollout import HFRolloutEngine, Rollout

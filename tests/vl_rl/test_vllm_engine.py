@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from _rl_helpers import ids, one_thread, samples, tiny
+from _rl_helpers import ids, samples, tiny
+from _threads import one_thread
 
 from vl_rl.rollout import HFRolloutEngine, encode_prompt, rollout_logprobs
 from vl_rl.vllm_engine import VLLMRolloutEngine, require_vllm

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import torch
-from _rl_helpers import ids, one_thread
+from _rl_helpers import ids
+from _threads import one_thread
 from safetensors.torch import load_file
 
 from vl_model import export_qwen3_vl

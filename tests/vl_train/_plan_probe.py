@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 
 import torch
@@ -48,6 +47,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss() -> int:
+    # VmHWM: the peak of this process's own address space. ru_maxrss would not do: Linux carries the
+    # parent's peak over fork and exec, so under a large pytest process every probe measured its parent.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main(tokens: int, checkpointing: bool) -> None:
     from vl_model import VLConfig, VLForConditionalGeneration
     from vl_train.losses import lm_loss
@@ -77,7 +86,7 @@ def main(tokens: int, checkpointing: bool) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del hidden, loss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     print(json.dumps({"measured": peak - base, "planned": planned.total, "activations": planned.activations}))
 
 

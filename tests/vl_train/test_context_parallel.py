@@ -14,13 +14,15 @@ import pytest
 import torch
 from _cp import LENGTH, cp_run
 from _launch import GLOO, launch
+from _threads import one_thread
 
 WORKER = Path(__file__).with_name("_cp_worker.py")
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], Any]:
-    model, result = cp_run(tmp_path_factory.mktemp("one"))
+    with one_thread():  # as the ranks run
+        model, result = cp_run(tmp_path_factory.mktemp("one"))
     assert result.losses[0] != result.losses[-1]
     return model.state_dict(), result
 
