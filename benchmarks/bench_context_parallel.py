@@ -5,7 +5,7 @@ one 224 px image per sample, SFT-style labels on the last 1/16 of every sample, 
 ``vl_train.Trainer`` with ``activation_checkpointing=True`` and ``loss_chunk_size=256`` on ``C`` = 1, 2
 and 4 ranks with ``[train] context_parallel = C`` (Ulysses all-to-all over heads, the tower
 data-parallel across the CP group, FSDP2 over the ``C`` ranks). The model: a ``qwen3_vl`` config with
-text hidden 128, 2 layers, 4 heads (2 KV heads: repeated for ``C = 4``), head_dim 32, intermediate 384,
+text hidden 256, 4 layers, 4 heads (2 KV heads: repeated for ``C = 4``), head_dim 64, intermediate 768,
 the real 151936 vocabulary; vision depth 1, width 64; random init with a fixed seed on every rank, float32.
 
 Each side is launched as its own ``torchrun``-style group of ``C`` processes (gloo on CPU, NCCL with one
@@ -14,16 +14,16 @@ GPU per rank on CUDA; CUDA needs 4 GPUs). Each rank measures the peak memory of 
 on CPU the peak of live tensor storage allocated during the step (``benchmarks/_memory.py``). The first-step
 losses are checked equal across ``C``. Rows: ``C = 2`` and ``C = 4`` against ``C = 1``; the ratio is the step
 time (on a shared CPU it means little), the note carries the peak per rank of each side, side by side, and
-``vl_train.plan``'s estimate of the activations per rank.
+``vl_train.plan``'s estimate of what the step allocates per rank (activations and the parameters FSDP2
+gathers; the parameters' gradients, unsharded in backward, are not in it).
 
-On CPU both sides use SDPA with the packed rows' dense ``[L, L]`` boolean mask, built from the whole row on
-every rank before the split (1 GiB at 32K): a floor under every rank's peak that CP does not divide (CPU
-SDPA's fused kernel takes the mask without materialising scores: 681 MB at 4K, 762 MB at 8K for CP 1 on
-one check); with FlashAttention (``flash_attention_2`` on GPUs) there is no mask. So does the loss chunk
-(``2 x 256 x 151936`` fp32 logits and gradient, about 300 MB) and, on CPU, the AdamW state created in the
-step (divided by ``C`` under FSDP2). The 32K run takes minutes per side on CPU and its times are only
-meaningful on an idle machine: the lead runs it quietly (``python benchmarks/bench_context_parallel.py``
-launches the ranks itself; on CUDA it needs 4 GPUs).
+Both sides use SDPA (FlashAttention where CUDA has it), which attends within each packed sample's span:
+no ``[L, L]`` mask on any rank (vl-model built a dense 1 GiB boolean one at 32K before 0.2.0, a floor
+that CP did not divide and that made 4 ranks of 32K exceed a 24 GiB machine). Not divided by ``C``
+either: the loss chunk (``2 x 256 x 151936`` fp32 logits and gradient, about 300 MB) and, on CPU, the
+AdamW state created in the step (divided by ``C`` under FSDP2). The 32K run takes minutes on CPU and
+its times are only meaningful on an idle machine: the lead runs it quietly
+(``python benchmarks/bench_context_parallel.py`` launches the ranks itself; on CUDA it needs 4 GPUs).
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ CONFIG: dict[str, Any] = {
     "tie_word_embeddings": False,
     "text_config": {
         "vocab_size": VOCAB,
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": 2,
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 32,
+        "head_dim": 64,
         "max_position_embeddings": 65536,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [8, 4, 4]},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [16, 8, 8]},
     },
     "vision_config": {
         "depth": 1,
@@ -77,7 +77,7 @@ CONFIG: dict[str, Any] = {
         "patch_size": PATCH,
         "temporal_patch_size": 2,
         "spatial_merge_size": MERGE,
-        "out_hidden_size": 128,
+        "out_hidden_size": 256,
         "deepstack_visual_indexes": [0],
     },
 }
@@ -199,9 +199,8 @@ def _planned(length: int, size: int) -> float:
         activation_bytes=wide,
         param_bytes=wide,
         labelled=length // 16,
-        attention="flash" if torch.cuda.is_available() and _has_flash() else "sdpa",
     )
-    return plan.activations / 2**20
+    return (plan.activations + plan.gathered) / 2**20
 
 
 def run(quick: bool) -> list[Row]:
@@ -222,10 +221,10 @@ def run(quick: bool) -> list[Row]:
     for size in SIZES[1:]:
         case = (
             f"one step of 1 packed row x {length} tokens ({length // SAMPLE} samples, one 224 px image each), "
-            f"hidden 128 x 2 layers, vocab 151936, checkpointing + loss chunk {CHUNK}: CP {size} vs CP 1"
+            f"hidden 256 x 4 layers, vocab 151936, checkpointing + loss chunk {CHUNK}: CP {size} vs CP 1"
         )
         note = (
-            f"peak memory per rank: {side}; planned activations per rank: {plan}; attention "
+            f"peak memory per rank: {side}; planned activations + FSDP-gathered parameters per rank: {plan}; attention "
             f"{base['attention']}; first-step loss {base['loss']:.4f} on every side"
             + ("; quick: 4K tokens (the full run: 32K)" if quick else "")
         )

@@ -22,8 +22,7 @@ Data is built by hand (not rendered by a processor): random text ids below every
    is over whole optimiser steps, the note gives tokens/s.
 2. Memory: one packed row of 32K tokens (8K in the quick run) of 1K-token samples separated by
    ``segment_ids``, one image per sample, SFT-style labels on the last 1/16 of every sample (2048
-   labelled tokens at 32K). A smaller model than row 1 keeps a 32K step near half a minute on 2 CPU
-   cores (dense attention masks make the attention cost grow with L^2): text hidden 128, 2 layers,
+   labelled tokens at 32K). A smaller model than row 1 keeps a 32K step short on 2 CPU cores: text hidden 128, 2 layers,
    2 heads (1 KV head), head_dim 64, intermediate 384, the real 151936 vocabulary; vision depth 1,
    width 64. Ours with ``activation_checkpointing=True`` and ``loss_chunk_size=256`` (8 chunks at 32K, 2 at 8K)
    vs ours without checkpointing and with a loss chunk as large as the labelled-token count (one chunk:
@@ -33,9 +32,8 @@ Data is built by hand (not rendered by a processor): random text ids below every
    The AdamW state is created at the end of that first step, after the activation peak, so it does
    not change the peaks. The first-step losses are checked equal. The row's ratio is the step time
    (checkpointing pays for its memory with a recomputed forward, so expect < 1); the note carries both
-   peaks and their ratio. Both sides include the SDPA path's dense ``[L, L]`` boolean packed-sample
-   mask (vl-model's ``create_causal_mask``: 1 GiB at 32K, about 3 GiB while it is built), a floor
-   under the lean side's peak that neither checkpointing nor the chunked loss removes.
+   peaks and their ratio. SDPA attends within each sample's span on both sides (no ``[L, L]`` mask;
+   before vl-model 0.2.0 a dense 1 GiB boolean mask at 32K was a floor under both peaks).
 """
 
 from __future__ import annotations

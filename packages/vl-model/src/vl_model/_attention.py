@@ -1,9 +1,12 @@
 """Attention plumbing of the decoder: an eager reference path and the masks of packed rows.
 
 Packed rows (several samples in one row, as in Qwen3-VL training, arXiv 2511.21631 section 3) must not
-attend across samples. Without a cache (training, scoring) SDPA and eager get a boolean block-causal
-mask built in one broadcast (:func:`packed_causal_mask`); with a cache they get a mask function for
-``create_causal_mask``. FlashAttention gets varlen ``cu_seqlens`` instead (it takes no dense mask).
+attend across samples. At a prefill or without a cache (training, scoring) SDPA runs causal attention
+on each sample's span (:func:`packed_sdpa_attention`): no ``[L, L]`` mask, and none of the cross-sample
+scores a dense mask would compute and discard (at 32K tokens of 1K samples: a 1 GiB mask and 32x the
+attention work). Eager attention (which returns probabilities) and compiled graphs get a boolean
+block-causal mask built in one broadcast (:func:`packed_causal_mask`); decoding steps after a prefill get
+a mask function for ``create_causal_mask``. FlashAttention gets varlen ``cu_seqlens`` (it takes no mask).
 Rows packed without segment ids, by positions that restart at every sample (transformers'
 ``DataCollatorWithFlattening``, TRL's ``padding_free``), get their segment ids from the restarts
 (:func:`segments_from_positions`, transformers' rule) and then the same masks.
@@ -24,7 +27,9 @@ __all__ = [
     "eager_attention",
     "flash_varlen_kwargs",
     "packed_causal_mask",
+    "packed_sdpa_attention",
     "segment_mask_function",
+    "segment_spans",
     "segments_from_positions",
 ]
 
@@ -81,6 +86,64 @@ def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor |
         mask &= attention_mask[:, None, :].bool()
         mask.diagonal(dim1=-2, dim2=-1).fill_(True)
     return mask[:, None]
+
+
+def segment_spans(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
+    """``(start, stop)`` of every run of equal segment id (and padding flag), per row of ``[B, L]`` (one host sync).
+
+    A run of padding (``attention_mask`` 0) is a span of its own, as in FlashAttention's varlen path: no
+    real token attends to it, and its outputs are ignored.
+    """
+    length = segment_ids.shape[1]
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    if attention_mask is not None:
+        change[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    spans = []
+    for starts in (row.nonzero().squeeze(-1).tolist() for row in change):
+        spans.append(list(zip(starts, [*starts[1:], length], strict=True)))
+    return spans
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    segment_spans: list[list[tuple[int, int]]] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA within each packed sample: ``[B, Nq, L, D]`` queries -> ``[B, L, Nq, D]``, no probabilities.
+
+    The attention-function contract of transformers (``attention_mask`` must be None: the spans replace it).
+
+    Args:
+        segment_spans: Per row, the ``(start, stop)`` of its samples (:func:`segment_spans`); they tile the row.
+    """
+    if segment_spans is None or attention_mask is not None:
+        raise ValueError("packed_sdpa_attention takes segment_spans instead of an attention mask")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    rows = []
+    for b, spans in enumerate(segment_spans):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, start:stop],
+                key[b : b + 1, :, start:stop],
+                value[b : b + 1, :, start:stop],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+            )
+            for start, stop in spans
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def flash_varlen_kwargs(segment_ids: torch.Tensor) -> dict[str, Any]:

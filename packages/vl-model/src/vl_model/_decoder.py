@@ -27,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from vl_moe import SparseMoeBlock
 from vl_rope import apply_rotary
 
-from ._attention import eager_attention
+from ._attention import eager_attention, packed_sdpa_attention
 from .configuration import VLTextConfig
 
 __all__ = [
@@ -119,6 +119,8 @@ class VLTextAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         attend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention)
+        if "segment_spans" in kwargs:  # packed rows under SDPA: the text model gave spans instead of a mask
+            attend = packed_sdpa_attention
         if self.sequence_parallel is not None:
             if past_key_values is not None:
                 raise ValueError("context parallelism runs without a KV cache: pass use_cache=False")

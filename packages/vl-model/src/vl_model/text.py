@@ -37,7 +37,13 @@ from vl_moe import MoEExperts, TopKRouter
 from vl_rope import MRoPE
 from vl_vision import VisionTransformer
 
-from ._attention import flash_varlen_kwargs, packed_causal_mask, segment_mask_function, segments_from_positions
+from ._attention import (
+    flash_varlen_kwargs,
+    packed_causal_mask,
+    segment_mask_function,
+    segment_spans,
+    segments_from_positions,
+)
 from ._decoder import RMSNorm, build_decoder_layer, head_dim_of, rotary_sections
 from ._inputs import check_token_ids
 from ._vision import VISION_ATTN, VLVisionTower
@@ -163,13 +169,22 @@ class VLTextModel(VLPreTrainedModel):
         segment_ids: torch.Tensor | None,
         kwargs: dict[str, Any],
     ) -> tuple[Any, dict[str, Any]]:
-        """The attention mask for the implementation in use (and FlashAttention's varlen kwargs)."""
+        """The attention mask for the implementation in use, or the kwargs that replace it (varlen, spans)."""
         implementation = str(self.config._attn_implementation or "sdpa")
         fresh = past_key_values is None or past_key_values.get_seq_length() == 0
         plain_padding = attention_mask is None or attention_mask.dim() == 2
         if segment_ids is not None and "flash" in implementation:
             # FlashAttention takes no mask function: run the packed samples as varlen sequences instead
             return None, {**flash_varlen_kwargs(segment_ids), **kwargs}
+        if (
+            segment_ids is not None
+            and implementation == "sdpa"
+            and fresh  # a prefill's keys are the row itself; later steps take the mask function below
+            and plain_padding
+            and not torch.compiler.is_compiling()  # the spans are Python ints: a compiled graph keeps the mask
+        ):
+            # per-sample spans instead of a dense [L, L] mask (see _attention.packed_sdpa_attention)
+            return None, {"segment_spans": segment_spans(segment_ids, attention_mask), **kwargs}
         if segment_ids is not None and fresh and plain_padding and implementation in ("sdpa", "eager"):
             return packed_causal_mask(segment_ids, attention_mask), kwargs
         mask = create_causal_mask(

@@ -20,8 +20,9 @@ activation (2 under bf16 autocast) and ``p`` bytes per gathered parameter (2 wit
   router's fp32 logits ``T E 4``;
 - ``loss``: ``lm_loss``'s fp32 logits and their gradient for one chunk, ``2 min(c, N) V 4``, and the final
   hidden states ``T d b``;
-- ``mask``: the packed rows' dense boolean mask of the SDPA path, ``B L^2`` bytes on every rank (built from
-  the whole row before the CP split); FlashAttention's varlen path (``attention="flash"``) has none.
+
+Packed rows cost no ``[L, L]`` mask: FlashAttention runs them as varlen sequences and SDPA per sample
+(vl-model's ``packed_sdpa_attention``); only the eager reference path builds one (``B L^2`` bytes).
 
 Not counted: the vision tower's activations (thousands of patches, small next to 32K+ tokens), kernel
 workspaces, communication buffers beyond the unsharded parameters, allocator fragmentation (budget
@@ -37,7 +38,7 @@ import argparse
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -184,7 +185,6 @@ class MemoryPlan:
         checkpoints: Decoder layer inputs kept by activation checkpointing.
         working: Activations live in backward (one layer with checkpointing, all without).
         loss: One loss chunk's logits and gradient, and the final hidden states.
-        mask: The dense packed-row mask of the SDPA path (0 with FlashAttention).
         tokens_per_rank: ``T``, the tokens this rank's decoder layers process.
     """
 
@@ -194,18 +194,17 @@ class MemoryPlan:
     checkpoints: int
     working: int
     loss: int
-    mask: int
     tokens_per_rank: int
 
     @property
     def total(self) -> int:
         """The estimate of the step's peak on one rank."""
-        return self.states + self.gathered + self.checkpoints + self.working + self.loss + self.mask
+        return self.states + self.gathered + self.checkpoints + self.working + self.loss
 
     @property
     def activations(self) -> int:
-        """The step's activations (what grows with the tokens): checkpoints, working set, loss, mask."""
-        return self.checkpoints + self.working + self.loss + self.mask
+        """The step's activations (what grows with the tokens): checkpoints, working set, loss."""
+        return self.checkpoints + self.working + self.loss
 
 
 def plan_memory(
@@ -222,7 +221,6 @@ def plan_memory(
     state_bytes: int = 16,
     chunk_size: int = 4096,
     labelled: int | None = None,
-    attention: Literal["flash", "sdpa"] = "flash",
 ) -> MemoryPlan:
     """Per-rank memory of one training step (formulas in the module docstring).
 
@@ -239,7 +237,6 @@ def plan_memory(
         state_bytes: ``s``, bytes of model state per parameter.
         chunk_size: ``c``, labelled tokens per vocabulary projection of the loss.
         labelled: ``N``, labelled tokens per row (default: all).
-        attention: ``"flash"`` (varlen FlashAttention: no mask) or ``"sdpa"`` (a dense ``[L, L]`` bool mask).
 
     Raises:
         ValueError: Sizes that do not fit (``C`` not dividing ``W``, ``expert_parallel`` neither 1 nor ``W``, ...).
@@ -250,8 +247,6 @@ def plan_memory(
         raise ValueError(f"context_parallel = {context_parallel} must divide world_size = {world_size}")
     if expert_parallel not in (1, world_size):
         raise ValueError(f"expert_parallel must be 1 or world_size = {world_size}, got {expert_parallel}")
-    if attention not in ("flash", "sdpa"):
-        raise ValueError(f"attention must be 'flash' or 'sdpa', got {attention!r}")
     cfg = _config(config)
     text = cfg.text_config
     parts = model_parts(cfg)
@@ -283,20 +278,19 @@ def plan_memory(
     scored = padded if labelled is None else min(labelled, padded)
     per_rank_scored = rows * -(-scored // context_parallel)
     loss = 2 * min(chunk_size, per_rank_scored) * int(text.vocab_size) * 4 + t * d * b
-    mask = rows * padded * padded if attention == "sdpa" else 0
-    return MemoryPlan(parts, states, gathered, checkpoints, working, loss, mask, t)
+    return MemoryPlan(parts, states, gathered, checkpoints, working, loss, t)
 
 
 def plan_table(presets: Mapping[str, Mapping[str, Any]] | Sequence[str] = tuple(PRESETS), **kwargs: Any) -> str:
     """A Markdown table of :func:`plan_memory` (GiB per rank) for each preset; ``kwargs`` go to it."""
     chosen = {name: PRESETS[name] for name in presets} if not isinstance(presets, Mapping) else dict(presets)
     lines = [
-        "| model | params | states | gathered | checkpoints | working | loss | mask | total / rank |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | states | gathered | checkpoints | working | loss | total / rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, config in chosen.items():
         plan = plan_memory(config, **kwargs)
-        cells = [plan.states, plan.gathered, plan.checkpoints, plan.working, plan.loss, plan.mask, plan.total]
+        cells = [plan.states, plan.gathered, plan.checkpoints, plan.working, plan.loss, plan.total]
         lines.append(
             f"| {name} | {plan.parts.total / 1e9:.1f}B | " + " | ".join(f"{c / GIB:.1f}" for c in cells) + " |"
         )
@@ -314,7 +308,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (1 or --world)")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation")
-    parser.add_argument("--attention", choices=("flash", "sdpa"), default="flash")
     parser.add_argument("--fp32", action="store_true", help="fp32 activations and gathered parameters")
     return parser
 
@@ -344,7 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             context_parallel=args.cp,
             expert_parallel=args.ep,
             activation_checkpointing=not args.no_checkpointing,
-            attention=args.attention,
             activation_bytes=wide,
             param_bytes=wide,
         )
@@ -354,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = "off" if args.no_checkpointing else "on"
     print(
         f"GiB per GPU: {args.tokens} tokens x {args.rows} row(s), {args.world} GPUs, CP {args.cp}, EP {args.ep}, "
-        f"activation checkpointing {ckpt}, {args.attention} attention"
+        f"activation checkpointing {ckpt}"
     )
     print(table)
     return 0
