@@ -34,7 +34,10 @@ def _check(got: dict[str, Any], want: tuple[dict[str, torch.Tensor], Any]) -> No
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(norms), rtol=1e-5, atol=0)
     assert set(got["state"]) == set(state)
     for key, value in state.items():
-        torch.testing.assert_close(got["state"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        # atol 1e-5: the most sensitive weight is the embedding row of a token seen once (its first AdamW step
+        # normalises a gradient whose float reduction order differs): 1.6e-6 off with the dense packed mask,
+        # 3.2e-6 with per-sample SDPA spans, while losses and gradient norms agree to 1e-5
+        torch.testing.assert_close(got["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.skipif(not GLOO, reason="torch.distributed with the gloo backend is unavailable")
