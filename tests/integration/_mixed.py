@@ -88,6 +88,52 @@ def mixed_run(scenario: str, out: Path, rank: int | None = None, *, composed: bo
     return model, Trainer(model, cfg, iter(rank_batches(scenario, rank))).train()
 
 
+def distill_run(
+    out: Path, rank: int | None = None, *, mode: str = "off_policy", composed: bool = False
+) -> tuple[Any, Any]:
+    """``(student, result)`` of ``STEPS`` distillation steps on the ``"text|text+image"`` rows for ``rank``.
+
+    Off-policy: forward KL to a frozen teacher on the rows' labelled answers. On-policy: reverse KL on 3
+    tokens the student samples after each row's prompt (its first 13 positions, holding the image or video).
+    ``composed``: the student is the core model's composed twin (the same network).
+    """
+    from _composed import composed_twin
+    from _trainer_helpers import tiny_model
+
+    from vl_train import Distill
+    from vl_train.distill_run import DistillTrainer
+
+    scenario = "text|text+image"
+    batches = rank_batches(scenario, rank)
+    if mode == "on_policy":
+        keep = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        batches = [
+            {"input_ids": b["input_ids"][:, :13], "attention_mask": b["attention_mask"][:, :13]}
+            | {k: b[k] for k in keep if k in b}
+            for b in batches
+        ]
+    cfg = Distill(
+        mode,  # type: ignore[arg-type]
+        "forward_kl" if mode == "off_policy" else "reverse_kl",
+        max_new_tokens=3,
+        max_steps=STEPS,
+        grad_accum_steps=len(SCENARIOS[scenario]),
+        optim={"lr": 1e-3},
+        loss_reduction="token",
+        loss_chunk_size=8,
+        output_dir=str(out),
+        bf16=False,
+        plot=False,
+        tensorboard=False,
+        progress=False,
+    )
+    student, teacher = tiny_model(0), tiny_model(1).eval()
+    if composed:
+        student = composed_twin(student)
+    torch.manual_seed(123)
+    return student, DistillTrainer(student, teacher, cfg, iter(batches)).train()
+
+
 def text_only(sample: dict[str, Any]) -> dict[str, Any]:
     """``sample`` with its images dropped (the question kept)."""
     messages = []

@@ -3,7 +3,8 @@
 Usage: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python _mixed_worker.py OUT KIND``, KIND
 ``train`` (every scenario of ``_mixed.SCENARIOS`` through the ``Trainer`` on the core model, then the last one
 on the composed twin) or ``rl`` (greedy generation of rank r's prompt, text-only on rank 0 and with an image on
-rank 1, by the sharded model; then ``RLTrainer`` on a fixed rollout of those prompts). Rank 0 writes
+rank 1, by the sharded model; then ``RLTrainer`` on a fixed rollout of those prompts) or ``distill``
+(``DistillTrainer`` off- and on-policy on a text-only rank 0 and a rank 1 with images). Rank 0 writes
 ``OUT/result.pt``.
 """
 
@@ -51,6 +52,20 @@ def _rl(out: Path) -> dict[str, Any]:
     return {"losses": run.losses, "state": full_state_dict(model), "greedy": sequences}
 
 
+def _distill(out: Path) -> dict[str, Any]:
+    from _mixed import distill_run
+
+    from vl_train.parallel import full_state_dict, rank
+
+    result: dict[str, Any] = {}
+    for mode, composed in (("off_policy", False), ("on_policy", False), ("off_policy", True)):
+        model, run = distill_run(out / f"{mode}-{composed}", rank(), mode=mode, composed=composed)
+        norms = [r["grad_norm"] for r in run.records]
+        record = {"losses": run.losses, "norms": norms, "steps": run.steps, "state": full_state_dict(model)}
+        result[f"{mode}{' composed' if composed else ''}"] = record
+    return result
+
+
 def main(out: str, kind: str) -> None:
     here = Path(__file__).resolve().parent
     for folder in (here, here.parent / "vl_train", here.parent / "vl_rl"):
@@ -59,7 +74,7 @@ def main(out: str, kind: str) -> None:
 
     torch.set_num_threads(1)
     assert init_distributed("gloo")
-    result = _train(Path(out)) if kind == "train" else _rl(Path(out))
+    result = {"train": _train, "rl": _rl, "distill": _distill}[kind](Path(out))
     if is_main_process():
         torch.save(result, Path(out) / "result.pt")
     torch.distributed.barrier()

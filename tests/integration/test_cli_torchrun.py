@@ -142,3 +142,33 @@ format_weight = 0.0
     assert updates and all(r["kl"] >= 0.0 for r in updates), steps  # the KL to the frozen starting policy
     model = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path / "rl" / "model"))
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "loss"), [("off_policy", "forward_kl"), ("on_policy", "reverse_kl")])
+def test_torchrun_distill_cli(tmp_path: Path, mode: str, loss: str) -> None:
+    """``torchrun -m vl_train demo_distill`` on 2 ranks: off-policy equals one process with 2 accumulated
+    micro-batches (each rank takes its share of the stream); on-policy (sampling differs) finishes."""
+    from vl_train.builders import build_model
+    from vl_train.testing import TINY_TEXT, TINY_VISION
+
+    teacher, processor = build_model({"tokenizer": "demo", "seed": 5, "text": TINY_TEXT, "vision": TINY_VISION})
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    processor.save_pretrained(str(tmp_path / "teacher"))
+    recipe = ["demo_distill", *_COMMON, "--set", f"teacher.model={tmp_path / 'teacher'}"]
+    recipe += ["--set", f"teacher.mode={mode}", "--set", f"teacher.loss={loss}", "--set", "teacher.max_new_tokens=4"]
+    recipe += ["--set", "train.micro_batch_size=2", "--set", "train.activation_checkpointing=false"]
+    parallel = _run([*recipe, "--output", str(tmp_path / "two")], ranks=2)
+    assert parallel.stdout.count("vl-train: stopped after 2 steps") == 1, parallel.stdout
+    assert (tmp_path / "two" / "model" / "config.json").is_file()
+    if mode == "on_policy":
+        assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "two"))))
+        return
+    _run([*recipe, "--set", "train.grad_accum_steps=2", "--output", str(tmp_path / "one")])
+    losses = [_losses(tmp_path / run) for run in ("one", "two")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
+    assert losses[0][0] != losses[0][-1], "the step changed nothing: the comparison would see no difference"
+    a, b = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

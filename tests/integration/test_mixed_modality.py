@@ -3,7 +3,8 @@
 Without one tower pass per forward on every rank (a zero-weighted placeholder where a rank has no
 pixels), the sharded tower's collectives do not match: gloo raises "Received data size doesn't match",
 NCCL hangs. Two FSDP2 gloo ranks must give the losses and weights of one process on the concatenated
-rows, for the supervised ``Trainer`` (core and composed models) and the ``RLTrainer``, and greedy
+rows, for the supervised ``Trainer`` (core and composed models), the ``RLTrainer`` and the
+``DistillTrainer`` (on-policy: it finishes, as sampling differs from one process), and greedy
 generation by the sharded model must give one process's tokens.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from _launch import GLOO, launch
-from _mixed import SCENARIOS, mixed_prompts, mixed_run
+from _mixed import SCENARIOS, distill_run, mixed_prompts, mixed_run
 
 WORKER = Path(__file__).with_name("_mixed_worker.py")
 
@@ -62,3 +63,23 @@ def test_rl_with_a_text_only_rank_and_an_image_rank_equals_one_process(tmp_path:
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want.losses), rtol=1e-5, atol=1e-7)
     # lr 1e-2 with AdamW: a near-zero gradient's rounding moves its weight by up to ~1e-3 of a step (3e-6 seen)
     _same_weights(got["state"], model.state_dict(), atol=1e-5)
+
+
+@pytest.mark.skipif(not GLOO, reason="torch.distributed with the gloo backend is unavailable")
+def test_distillation_with_a_text_only_rank_and_an_image_rank(tmp_path: Path) -> None:
+    """Off-policy: one process's losses and weights, also for a composed student. On-policy (the ranks sample
+    with synced_gpus): no hang."""
+    launch(WORKER, str(tmp_path), "distill")
+    got = torch.load(tmp_path / "result.pt", weights_only=True)
+    model, want = distill_run(tmp_path / "one", mode="off_policy")
+    assert want.losses[0] != want.losses[-1]
+    torch.testing.assert_close(torch.tensor(got["off_policy"]["losses"]), torch.tensor(want.losses), rtol=1e-5, atol=0)
+    norms = torch.tensor([r["grad_norm"] for r in want.records])
+    torch.testing.assert_close(torch.tensor(got["off_policy"]["norms"]), norms, rtol=1e-5, atol=0)
+    _same_weights(got["off_policy"]["state"], model.state_dict(), atol=1e-5)
+    twin = got["off_policy composed"]  # the composed twin of the student, sharded: the same losses and norms
+    torch.testing.assert_close(torch.tensor(twin["losses"]), torch.tensor(want.losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(twin["norms"]), norms, rtol=1e-5, atol=0)
+    on = got["on_policy"]
+    assert on["steps"] == len(on["losses"]) == 2 and all(torch.isfinite(torch.tensor(on["losses"])))
+    assert set(on["state"]) == set(model.state_dict())

@@ -147,3 +147,11 @@ def test_on_policy_step_matches_the_distill_function(tmp_path: Path, loss: str) 
     assert got and set(got) == {n for n, p in grads.items() if p.grad is not None}
     for name, grad in got.items():
         torch.testing.assert_close(grad, grads[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_distill_trainer_refuses_context_parallelism(tmp_path: Path) -> None:
+    from _trainer_helpers import tiny_model
+
+    cfg = Distill("off_policy", "forward_kl", context_parallel=2, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="distillation does not support context_parallel > 1"):
+        DistillTrainer(tiny_model(), tiny_model(1), cfg, iter([]))

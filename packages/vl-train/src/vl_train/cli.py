@@ -112,8 +112,6 @@ def _run(args: argparse.Namespace) -> int:
             recipe.setdefault("model", {})["init_from"] = args.init_from
         config = resolve_config(recipe, args.output)
         distilling = check_teacher(recipe, config)
-        if distilling and world_size() > 1:
-            raise ValueError("distillation runs on one process; launch it without torchrun")
         model, processor = build_model(recipe.get("model", {}))
         model.to(training_device())
         batches: Any = None if distilling else build_data(recipe.get("data", {}), processor, config)

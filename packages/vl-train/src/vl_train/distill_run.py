@@ -14,9 +14,12 @@ section (REFERENCE.md section 4, strong-to-weak distillation; :mod:`vl_train.dis
   to the teacher on them (:func:`vl_train.distill.sample_completions` +
   :func:`~vl_train.distill.sampled_distill_loss`).
 
-The losses use the config's ``loss_reduction`` with a normaliser global over the step's micro-batches,
-so gradient accumulation gives the one-big-batch gradient. Teacher and student share the tokenizer.
-Distillation runs on one process (the student samples with ``generate``, which FSDP does not shard).
+The losses use the config's ``loss_reduction`` with a normaliser global over the step's micro-batches
+and data-parallel ranks, so gradient accumulation and FSDP2 ranks give the one-big-batch gradient.
+Teacher and student share the tokenizer. Under ``torchrun`` the student is sharded like the ``Trainer``'s
+(ranks may hold different modalities), the frozen teacher is replicated on every rank (it runs no
+collective), on-policy sampling runs with ``synced_gpus`` (every rank runs every forward of the sharded
+student), and the ``"ce"`` mode's teacher data are written by rank 0. Context parallelism is not supported.
 
 Notation: ``B`` prompts per batch, ``P`` longest prompt (left-padded), ``T`` sampled tokens.
 """
@@ -34,9 +37,9 @@ from .config import DistillSpec, TrainConfig
 from .data.messages import prompt_inputs
 from .distill import model_inputs, off_policy_distill_loss, sample_completions, sampled_distill_loss
 from .losses import IGNORE_INDEX, global_loss_normalizer, loss_normalizer
-from .parallel import world_size
+from .parallel import is_main_process, root_forward, world_size
 from .stages import distill_spec
-from .trainer import Trainer, TrainResult
+from .trainer import Trainer, TrainResult, _all_reduce_sum
 
 __all__ = ["TEACHER_KEYS", "DistillTrainer", "PromptBatches", "check_teacher", "run_distill", "teacher_spec"]
 
@@ -119,7 +122,7 @@ class DistillTrainer(Trainer):
 
     Raises:
         ValueError: The spec is off-policy ``"ce"`` (use the plain ``Trainer`` on teacher-written data), the
-            vocabularies differ, or more than one process runs.
+            vocabularies differ, or context parallelism is configured.
     """
 
     def __init__(
@@ -130,8 +133,8 @@ class DistillTrainer(Trainer):
         train_batches: Iterator[dict[str, Any]],
         **kwargs: Any,
     ) -> None:
-        if world_size() > 1:
-            raise ValueError("distillation runs on one process; launch it without torchrun")
+        if config.context_parallel > 1:
+            raise ValueError("distillation does not support context_parallel > 1; set [train] context_parallel = 1")
         self.spec = distill_spec(config)
         if self.spec.mode == "off_policy" and self.spec.loss == "ce":
             raise ValueError("off-policy 'ce' distillation is SFT on teacher-written data: use Trainer")
@@ -144,31 +147,40 @@ class DistillTrainer(Trainer):
         self.teacher.to(self.device)  # the frozen teacher runs where the student trains
 
     def accumulate(self, micro: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of the step's micro-batches with the distillation loss; returns ``(loss, 0)``."""
-        cfg, spec = self.config, self.spec
+        """Forward and backward of the step's micro-batches with the distillation loss; returns ``(loss, 0)``.
+
+        The loss is summed over micro-batches and ranks (float64); each rank's backward is scaled by the
+        world size because FSDP2 averages gradients while the global normaliser wants their sum.
+        """
+        cfg, spec, world = self.config, self.spec, world_size()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         if spec.mode == "on_policy":
             kw: dict[str, Any] = {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature}
-            sampled = [sample_completions(self.model, b, **kw) for b in micro]
+            sampled = [sample_completions(self.model, b, synced_gpus=world > 1, **kw) for b in micro]
             targets = [torch.where(mask, 0, IGNORE_INDEX) for _, mask in sampled]
             z = global_loss_normalizer([loss_normalizer(t, None, cfg.loss_reduction) for t in targets])
             for batch, (sequences, mask) in zip(micro, sampled, strict=True):
-                loss = sampled_distill_loss(
+                loss = root_forward(
                     self.model,
-                    self.teacher,
-                    batch,
-                    sequences,
-                    mask,
-                    loss=spec.loss,  # type: ignore[arg-type]
-                    beta=spec.beta,
-                    temperature=spec.temperature,
-                    reduction=cfg.loss_reduction,
-                    normalizer=z,
-                    chunk_size=cfg.loss_chunk_size,
-                ).loss
-                loss.backward()
+                    lambda b=batch, q=sequences, m=mask: (
+                        sampled_distill_loss(
+                            self.model,
+                            self.teacher,
+                            b,
+                            q,
+                            m,
+                            loss=spec.loss,  # type: ignore[arg-type]
+                            beta=spec.beta,
+                            temperature=spec.temperature,
+                            reduction=cfg.loss_reduction,
+                            normalizer=z,
+                            chunk_size=cfg.loss_chunk_size,
+                        ).loss
+                    ),
+                )
+                (loss * world).backward()
                 total += loss.detach().double()
-            return total, torch.zeros_like(total)
+            return _all_reduce_sum(total), torch.zeros_like(total)
         segments = [b["segment_ids"][:, 1:] if b.get("segment_ids") is not None else None for b in micro]
         z = global_loss_normalizer(
             [loss_normalizer(b["labels"][:, 1:], s, cfg.loss_reduction) for b, s in zip(micro, segments, strict=True)]
@@ -178,20 +190,26 @@ class DistillTrainer(Trainer):
             with torch.no_grad():
                 hidden = self.teacher.forward_hidden(**model_inputs(batch)).last_hidden_state[:, :-1][keep]  # type: ignore[operator]
                 teacher_logits = (hidden @ self.teacher.output_weight().T).float()  # type: ignore[operator]
-            loss = off_policy_distill_loss(
+            # a closure, not an argument: root_forward would cast the teacher's logits to the compute dtype
+            loss = root_forward(
                 self.model,
-                batch,
-                teacher_logits,
-                loss=spec.loss,  # type: ignore[arg-type]
-                beta=spec.beta,
-                temperature=spec.temperature,
-                reduction=cfg.loss_reduction,
-                normalizer=z,
-                chunk_size=cfg.loss_chunk_size,
-            ).loss
-            loss.backward()
+                lambda b=batch, t=teacher_logits: (
+                    off_policy_distill_loss(
+                        self.model,
+                        b,
+                        t,
+                        loss=spec.loss,  # type: ignore[arg-type]
+                        beta=spec.beta,
+                        temperature=spec.temperature,
+                        reduction=cfg.loss_reduction,
+                        normalizer=z,
+                        chunk_size=cfg.loss_chunk_size,
+                    ).loss
+                ),
+            )
+            (loss * world).backward()
             total += loss.detach().double()
-        return total, torch.zeros_like(total)
+        return _all_reduce_sum(total), torch.zeros_like(total)
 
 
 def check_teacher(recipe: Mapping[str, Any], config: TrainConfig) -> bool:
@@ -235,6 +253,7 @@ def run_distill(
         FileNotFoundError: No model in the teacher folder.
     """
     from .builders import build_data, build_mixture, check_processor, load_model
+    from .context_parallel import DataParallelBatches
     from .teacher import generate_teacher_data
 
     section = dict(recipe.get("teacher") or {})
@@ -243,12 +262,16 @@ def run_distill(
     teacher = load_model(str(section["model"])).to(next(model.parameters()).device)
     check_processor(teacher, processor)
     data = dict(recipe.get("data", {}))
+
+    def shared(batches: Any) -> Any:  # under torchrun each rank takes its share of the one stream
+        return DataParallelBatches(batches) if world_size() > 1 else batches
+
     if spec.mode == "on_policy":
-        prompts = PromptBatches(build_mixture(data, config), processor, config.micro_batch_size)
+        prompts = shared(PromptBatches(build_mixture(data, config), processor, config.micro_batch_size))
         return DistillTrainer(model, teacher, config, prompts, resume=resume, overwrite=overwrite).train()
     if spec.loss != "ce":
         return DistillTrainer(
-            model, teacher, config, build_data(data, processor, config), resume=resume, overwrite=overwrite
+            model, teacher, config, shared(build_data(data, processor, config)), resume=resume, overwrite=overwrite
         ).train()
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -256,6 +279,12 @@ def run_distill(
     samples = [next(mixture) for _ in range(int(section.get("samples", 64)))]
     penalties: dict[str, Any] = {k: float(section[k]) for k in ("base_penalty", "short_penalty") if k in section}
     jsonl = output / "teacher_data" / "teacher_data.jsonl"
-    generate_teacher_data(teacher, processor, samples, max_new_tokens=spec.max_new_tokens, output=jsonl, **penalties)
+    if is_main_process():  # the teacher is replicated: one rank writes the data, every rank reads them
+        generate_teacher_data(
+            teacher, processor, samples, max_new_tokens=spec.max_new_tokens, output=jsonl, **penalties
+        )
+    if world_size() > 1:
+        torch.distributed.barrier()
     sft_data = {"kind": "jsonl", "path": str(jsonl), "seed": data.get("seed", config.seed)}
-    return Trainer(model, config, build_data(sft_data, processor, config), resume=resume, overwrite=overwrite).train()
+    batches = shared(build_data(sft_data, processor, config))
+    return Trainer(model, config, batches, resume=resume, overwrite=overwrite).train()
