@@ -105,6 +105,34 @@ class ModelSpec:
         return int(self.text["hidden_size"])
 
 
+def smoke_model(**overrides: Any) -> ModelSpec:
+    """Tiny parts for smoke runs and tests: the plumbing in seconds (the numbers mean nothing)."""
+    return ModelSpec(
+        text={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+        },
+        vision={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 8,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        image_size_range=(48, 64),
+        grid=16,
+        max_pixels=64 * 64,
+        **overrides,
+    )
+
+
 def new_language_model(spec: ModelSpec, tokenizer: Any, seed: int) -> Any:
     """A fresh Qwen3 causal LM for ``tokenizer`` (untied embeddings, the tokenizer's eos and pad ids)."""
     from transformers import AutoModelForCausalLM, Qwen3Config

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from at_models import ModelSpec
+from at_models import smoke_model
 from at_recipe import STAGES, RecipeSettings, SeedResult, build_parts, heldout_set, load_parts, run_seed, save_parts
 from at_report import accuracy_table, gain, write_report
 from at_stages import GRPOSpec
@@ -74,30 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def smoke_settings() -> RecipeSettings:
     """Tiny parts and two steps per stage: checks the plumbing in seconds (the numbers mean nothing)."""
-    model = ModelSpec(
-        text={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "max_position_embeddings": 512,
-        },
-        vision={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "patch_size": 8,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        },
-        image_size_range=(48, 64),
-        grid=16,
-        max_pixels=64 * 64,
-        tower=TowerSpec(steps=2, scenes_per_step=2),
-    )
+    model = smoke_model(tower=TowerSpec(steps=2, scenes_per_step=2))
     small: dict[str, Any] = {"steps": 2, "warmup_steps": 1, "micro_batch_size": 2, "max_length": 256}
     base = RecipeSettings()
     return RecipeSettings(

@@ -21,13 +21,13 @@ import torch
 from at_cells import CELLS_PROMPT, CellListing, TextView, cell_words, sample_images, to_text_view
 from at_models import (
     CellNoise,
-    ModelSpec,
     changed_parameters,
     compose_cell_embeddings,
     fingerprint,
     fresh_adapter,
     new_language_model,
     new_tower,
+    smoke_model,
     swap_checked,
     vision_ids,
 )
@@ -50,29 +50,7 @@ from vl_train.data._shapes import COLOURS, KINDS, Scene, Shape
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "adapter_transfer"
 
-TINY = ModelSpec(
-    text={
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "max_position_embeddings": 512,
-    },
-    vision={
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "patch_size": 8,
-        "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [0],
-    },
-    image_size_range=(48, 64),
-    grid=16,
-    max_pixels=64 * 64,
-)
+TINY = smoke_model()
 
 
 def _run_module() -> Any:

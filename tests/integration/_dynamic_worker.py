@@ -9,7 +9,6 @@ a sharded model does. Rank 0 writes ``OUT/result.pt``: every rank's generate cal
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,24 +65,10 @@ def _run(out: Path) -> dict[str, Any]:
     return {"calls": calls, "steps": result.steps, "records": result.records}
 
 
-def main(out: str) -> None:
+if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     for folder in (here, here.parent / "vl_train", here.parent / "vl_rl"):
         sys.path.insert(0, str(folder))
-    from vl_train.parallel import init_distributed, is_main_process
+    from _launch import serve_rank
 
-    torch.set_num_threads(1)
-    assert init_distributed("gloo")
-    result = _run(Path(out))
-    if is_main_process():
-        torch.save(result, Path(out) / "result.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo's threads can abort interpreter teardown after the work is done
+    serve_rank(sys.argv[1], lambda: _run(Path(sys.argv[1])))

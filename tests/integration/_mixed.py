@@ -63,6 +63,15 @@ def rank_batches(scenario: str, rank: int | None) -> list[dict[str, torch.Tensor
     return out
 
 
+def _settings(scenario: str, out: Path, **overrides: Any) -> dict[str, Any]:
+    """The runs' ``TrainConfig`` keywords: ``STEPS`` steps of the scenario's micro-steps, quiet."""
+    from _trainer_helpers import quiet
+
+    return quiet(
+        max_steps=STEPS, grad_accum_steps=len(SCENARIOS[scenario]), loss_chunk_size=8, output_dir=str(out), **overrides
+    )
+
+
 def mixed_run(scenario: str, out: Path, rank: int | None = None, *, composed: bool = False) -> tuple[Any, Any]:
     """``(model, result)`` of ``STEPS`` supervised steps on ``scenario``'s batches for ``rank`` (None: one process)."""
     from _composed import composed_twin
@@ -73,18 +82,7 @@ def mixed_run(scenario: str, out: Path, rank: int | None = None, *, composed: bo
     model = tiny_model(0)
     if composed:
         model = composed_twin(model)
-    cfg = TrainConfig(
-        max_steps=STEPS,
-        grad_accum_steps=len(SCENARIOS[scenario]),
-        optim={"lr": 1e-3},
-        loss_reduction="sqrt",
-        loss_chunk_size=8,
-        output_dir=str(out),
-        bf16=False,
-        plot=False,
-        tensorboard=False,
-        progress=False,
-    )
+    cfg = TrainConfig(**_settings(scenario, out, loss_reduction="sqrt"))
     return model, Trainer(model, cfg, iter(rank_batches(scenario, rank))).train()
 
 
@@ -112,21 +110,8 @@ def distill_run(
             | {k: b[k] for k in keep if k in b}
             for b in batches
         ]
-    cfg = Distill(
-        mode,  # type: ignore[arg-type]
-        "forward_kl" if mode == "off_policy" else "reverse_kl",
-        max_new_tokens=3,
-        max_steps=STEPS,
-        grad_accum_steps=len(SCENARIOS[scenario]),
-        optim={"lr": 1e-3},
-        loss_reduction="token",
-        loss_chunk_size=8,
-        output_dir=str(out),
-        bf16=False,
-        plot=False,
-        tensorboard=False,
-        progress=False,
-    )
+    loss = "forward_kl" if mode == "off_policy" else "reverse_kl"
+    cfg = Distill(mode, loss, max_new_tokens=3, **_settings(scenario, out, loss_reduction="token"))  # type: ignore[arg-type]
     student, teacher = tiny_model(0), tiny_model(1).eval()
     if composed:
         student = composed_twin(student)

@@ -10,7 +10,6 @@ rank 1, by the sharded model; then ``RLTrainer`` on a fixed rollout of those pro
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,25 +65,11 @@ def _distill(out: Path) -> dict[str, Any]:
     return result
 
 
-def main(out: str, kind: str) -> None:
+if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     for folder in (here, here.parent / "vl_train", here.parent / "vl_rl"):
         sys.path.insert(0, str(folder))
-    from vl_train.parallel import init_distributed, is_main_process
+    from _launch import serve_rank
 
-    torch.set_num_threads(1)
-    assert init_distributed("gloo")
-    result = {"train": _train, "rl": _rl, "distill": _distill}[kind](Path(out))
-    if is_main_process():
-        torch.save(result, Path(out) / "result.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2])
-    # gloo's threads can abort interpreter teardown after the work is done: leave without it
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    work = {"train": _train, "rl": _rl, "distill": _distill}[sys.argv[2]]
+    serve_rank(sys.argv[1], lambda: work(Path(sys.argv[1])))

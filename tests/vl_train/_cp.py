@@ -69,7 +69,7 @@ def cp_run(
     ``moe``: the tiny MoE model (4 experts, top-2, global-batch balance loss); ``expert_parallel``: its
     experts sharded over that many ranks; ``activation_checkpointing``: recompute every block in backward.
     """
-    from _trainer_helpers import tiny_model
+    from _trainer_helpers import quiet, tiny_model
 
     from vl_train import TrainConfig, Trainer
     from vl_train.context_parallel import data_parallel_rank, data_parallel_size
@@ -79,18 +79,15 @@ def cp_run(
     batches = [packed_batch(i, rows) for i in range(STEPS * ACCUM)]
     model = tiny_model(0, moe=moe, aux_coef=0.5 if moe else 0.0)
     cfg = TrainConfig(
-        max_steps=STEPS,
-        grad_accum_steps=ACCUM,
-        context_parallel=context_parallel,
-        expert_parallel=expert_parallel,
-        activation_checkpointing=activation_checkpointing,
-        optim={"lr": 1e-3},
-        loss_reduction="sqrt",
-        loss_chunk_size=8,
-        output_dir=str(out),
-        bf16=False,
-        plot=False,
-        tensorboard=False,
-        progress=False,
+        **quiet(
+            max_steps=STEPS,
+            grad_accum_steps=ACCUM,
+            context_parallel=context_parallel,
+            expert_parallel=expert_parallel,
+            activation_checkpointing=activation_checkpointing,
+            loss_reduction="sqrt",
+            loss_chunk_size=8,
+            output_dir=str(out),
+        )
     )
     return model, Trainer(model, cfg, iter(batches)).train()

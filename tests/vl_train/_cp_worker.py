@@ -9,7 +9,6 @@ the losses, gradient norms, MoE balance losses, gathered final weights and the p
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,11 @@ def _part_length(model: Any) -> int:
     return int(hidden.last_hidden_state.shape[1])
 
 
-def main(out: str, runs: list[str]) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+def _runs(out: str, runs: list[str]) -> dict[str, Any]:
     from _cp import cp_run
 
-    from vl_train.parallel import full_state_dict, init_distributed, is_main_process
+    from vl_train.parallel import full_state_dict
 
-    torch.set_num_threads(1)
-    assert init_distributed("gloo")
     result: dict[str, Any] = {}
     for name in runs:
         spec, _, flag = name.partition("+")
@@ -60,15 +56,11 @@ def main(out: str, runs: list[str]) -> None:
             "state": full_state_dict(model),
             "part_length": _part_length(model),
         }
-    if is_main_process():
-        torch.save(result, Path(out) / "result.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _launch import serve_rank
+
+    serve_rank(sys.argv[1], lambda: _runs(sys.argv[1], sys.argv[2:]))

@@ -1,4 +1,5 @@
-"""Launch a test worker script on ``N`` gloo ranks, as torchrun would, and fail with every rank's log."""
+"""Launch a test worker script on ``N`` gloo ranks, as torchrun would, and fail with every rank's log;
+:func:`serve_rank` is the worker side."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,3 +55,22 @@ def launch(worker: Path, *args: str, world: int = 2, timeout: float = 240.0, env
                 p.wait()
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     assert not failed, "\n".join(f"----- rank {r} (exit {procs[r].returncode})\n{logs[r]}" for r in range(world))
+
+
+def serve_rank(out: str, work: Callable[[], dict[str, Any]]) -> None:
+    """A worker rank's life: join the gloo group (one thread), ``work()``, rank 0 saves it as ``OUT/result.pt``.
+
+    Leaves the group, then the process at once: gloo's threads can abort interpreter teardown after the work.
+    """
+    from vl_train.parallel import init_distributed, is_main_process
+
+    torch.set_num_threads(1)
+    assert init_distributed("gloo")
+    result = work()
+    if is_main_process():
+        torch.save(result, Path(out) / "result.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -148,3 +148,15 @@ def test_single_process_helpers(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match=r"\['MASTER_ADDR', 'MASTER_PORT'\] are not set"):
         parallel.init_distributed()
+
+
+def test_run_launched_runs_alone_or_names_a_bad_launch(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert parallel.run_launched("vl-x", lambda: 7) == 7
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ran: list[int] = []
+    assert parallel.run_launched("vl-x", lambda: ran.append(1) or 0) == 2 and not ran
+    assert "vl-x: error: WORLD_SIZE=2 but ['RANK', 'MASTER_ADDR', 'MASTER_PORT'] are not set" in capsys.readouterr().err

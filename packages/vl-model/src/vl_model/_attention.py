@@ -88,6 +88,15 @@ def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor |
     return mask[:, None]
 
 
+def _run_starts(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, L]`` True where a run of equal segment id (and, given a mask, padding flag) starts."""
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    if attention_mask is not None:
+        start[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    return start
+
+
 def segment_spans(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
     """``(start, stop)`` of every run of equal segment id (and padding flag), per row of ``[B, L]`` (one host sync).
 
@@ -95,12 +104,8 @@ def segment_spans(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None
     real token attends to it, and its outputs are ignored.
     """
     length = segment_ids.shape[1]
-    change = torch.ones_like(segment_ids, dtype=torch.bool)
-    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    if attention_mask is not None:
-        change[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
     spans = []
-    for starts in (row.nonzero().squeeze(-1).tolist() for row in change):
+    for starts in (row.nonzero().squeeze(-1).tolist() for row in _run_starts(segment_ids, attention_mask)):
         spans.append(list(zip(starts, [*starts[1:], length], strict=True)))
     return spans
 
@@ -153,9 +158,7 @@ def flash_varlen_kwargs(segment_ids: torch.Tensor) -> dict[str, Any]:
     (padding runs become sequences of their own, whose outputs are ignored).
     """
     batch, length = segment_ids.shape
-    start = torch.ones_like(segment_ids, dtype=torch.bool)
-    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    starts = start.reshape(-1).nonzero().squeeze(-1)
+    starts = _run_starts(segment_ids).reshape(-1).nonzero().squeeze(-1)
     cu = torch.cat([starts, starts.new_tensor([batch * length])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -255,9 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Under ``torchrun`` every rank runs it: the ranks join the process group, shard the policy with FSDP2 and
     split each step's prompts; rank 0 prints and writes.
     """
-    import torch
-
-    from vl_train.parallel import init_distributed
+    from vl_train.parallel import run_launched
 
     args = _parser().parse_args(argv)
     if args.list:
@@ -266,16 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.recipe:
         _parser().print_usage(sys.stderr)
         return 2
-    try:
-        distributed = init_distributed()
-    except RuntimeError as exc:
-        print(f"vl-rl: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args)
-    finally:
-        if distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return run_launched("vl-rl", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .builders import save_final_model
 from .recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
 
@@ -85,18 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.recipe:
         _parser().print_usage(sys.stderr)
         return 2
-    from .parallel import init_distributed
+    from .parallel import run_launched
 
-    try:
-        distributed = init_distributed()
-    except RuntimeError as exc:
-        print(f"vl-train: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args)
-    finally:
-        if distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return run_launched("vl-train", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -26,7 +26,8 @@ Notation: ``B`` prompts per batch, ``P`` longest prompt (left-padded), ``T`` sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,9 @@ from .config import DistillSpec, TrainConfig
 from .data.messages import prompt_inputs
 from .distill import model_inputs, off_policy_distill_loss, sample_completions, sampled_distill_loss
 from .losses import IGNORE_INDEX, global_loss_normalizer, loss_normalizer
-from .parallel import is_main_process, root_forward, world_size
+from .parallel import is_main_process, root_forward, sum_over_ranks, world_size
 from .stages import distill_spec
-from .trainer import Trainer, TrainResult, _all_reduce_sum
+from .trainer import Trainer, TrainResult
 
 __all__ = ["TEACHER_KEYS", "DistillTrainer", "PromptBatches", "check_teacher", "run_distill", "teacher_spec"]
 
@@ -152,64 +153,58 @@ class DistillTrainer(Trainer):
         The loss is summed over micro-batches and ranks (float64); each rank's backward is scaled by the
         world size because FSDP2 averages gradients while the global normaliser wants their sum.
         """
-        cfg, spec, world = self.config, self.spec, world_size()
+        world = world_size()
+        losses = self._on_policy_losses(micro) if self.spec.mode == "on_policy" else self._off_policy_losses(micro)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        if spec.mode == "on_policy":
-            kw: dict[str, Any] = {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature}
-            sampled = [sample_completions(self.model, b, synced_gpus=world > 1, **kw) for b in micro]
-            targets = [torch.where(mask, 0, IGNORE_INDEX) for _, mask in sampled]
-            z = global_loss_normalizer([loss_normalizer(t, None, cfg.loss_reduction) for t in targets])
-            for batch, (sequences, mask) in zip(micro, sampled, strict=True):
-                loss = root_forward(
-                    self.model,
-                    lambda b=batch, q=sequences, m=mask: (
-                        sampled_distill_loss(
-                            self.model,
-                            self.teacher,
-                            b,
-                            q,
-                            m,
-                            loss=spec.loss,  # type: ignore[arg-type]
-                            beta=spec.beta,
-                            temperature=spec.temperature,
-                            reduction=cfg.loss_reduction,
-                            normalizer=z,
-                            chunk_size=cfg.loss_chunk_size,
-                        ).loss
-                    ),
-                )
-                (loss * world).backward()
-                total += loss.detach().double()
-            return _all_reduce_sum(total), torch.zeros_like(total)
-        segments = [b["segment_ids"][:, 1:] if b.get("segment_ids") is not None else None for b in micro]
-        z = global_loss_normalizer(
-            [loss_normalizer(b["labels"][:, 1:], s, cfg.loss_reduction) for b, s in zip(micro, segments, strict=True)]
+        for loss_of in losses:
+            loss = root_forward(self.model, loss_of)
+            (loss * world).backward()
+            total += loss.detach().double()
+        return sum_over_ranks(total), torch.zeros_like(total)
+
+    def _loss_options(self, normalizer: torch.Tensor) -> dict[str, Any]:
+        spec, cfg = self.spec, self.config
+        return {
+            "loss": spec.loss,
+            "beta": spec.beta,
+            "temperature": spec.temperature,
+            "reduction": cfg.loss_reduction,
+            "normalizer": normalizer,
+            "chunk_size": cfg.loss_chunk_size,
+        }
+
+    def _on_policy_losses(self, micro: Sequence[dict[str, Any]]) -> list[Callable[[], torch.Tensor]]:
+        """The student samples every micro-batch first (the global normaliser counts all completions)."""
+        spec, world = self.spec, world_size()
+        kw: dict[str, Any] = {"max_new_tokens": spec.max_new_tokens, "temperature": spec.temperature}
+        sampled = [sample_completions(self.model, b, synced_gpus=world > 1, **kw) for b in micro]
+        targets = [torch.where(mask, 0, IGNORE_INDEX) for _, mask in sampled]
+        options = self._loss_options(
+            global_loss_normalizer([loss_normalizer(t, None, self.config.loss_reduction) for t in targets])
         )
-        for batch in micro:
+
+        def loss_of(batch: dict[str, Any], sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return sampled_distill_loss(self.model, self.teacher, batch, sequences, mask, **options).loss
+
+        return [functools.partial(loss_of, b, q, m) for b, (q, m) in zip(micro, sampled, strict=True)]
+
+    def _off_policy_losses(self, micro: Sequence[dict[str, Any]]) -> list[Callable[[], torch.Tensor]]:
+        """The teacher's logits at each micro-batch's labelled positions, computed in its loss closure."""
+        segments = [b["segment_ids"][:, 1:] if b.get("segment_ids") is not None else None for b in micro]
+        normalizers = [
+            loss_normalizer(b["labels"][:, 1:], s, self.config.loss_reduction)
+            for b, s in zip(micro, segments, strict=True)
+        ]
+        options = self._loss_options(global_loss_normalizer(normalizers))
+
+        def loss_of(batch: dict[str, Any]) -> torch.Tensor:
             keep = batch["labels"][:, 1:] != IGNORE_INDEX
             with torch.no_grad():
                 hidden = self.teacher.forward_hidden(**model_inputs(batch)).last_hidden_state[:, :-1][keep]  # type: ignore[operator]
                 teacher_logits = (hidden @ self.teacher.output_weight().T).float()  # type: ignore[operator]
-            # a closure, not an argument: root_forward would cast the teacher's logits to the compute dtype
-            loss = root_forward(
-                self.model,
-                lambda b=batch, t=teacher_logits: (
-                    off_policy_distill_loss(
-                        self.model,
-                        b,
-                        t,
-                        loss=spec.loss,  # type: ignore[arg-type]
-                        beta=spec.beta,
-                        temperature=spec.temperature,
-                        reduction=cfg.loss_reduction,
-                        normalizer=z,
-                        chunk_size=cfg.loss_chunk_size,
-                    ).loss
-                ),
-            )
-            (loss * world).backward()
-            total += loss.detach().double()
-        return _all_reduce_sum(total), torch.zeros_like(total)
+            return off_policy_distill_loss(self.model, batch, teacher_logits, **options).loss
+
+        return [functools.partial(loss_of, b) for b in micro]
 
 
 def check_teacher(recipe: Mapping[str, Any], config: TrainConfig) -> bool:

@@ -42,6 +42,7 @@ import datetime
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -59,7 +60,9 @@ __all__ = [
     "parallelize",
     "rank",
     "root_forward",
+    "run_launched",
     "shard_units",
+    "sum_over_ranks",
     "training_device",
     "world_size",
 ]
@@ -118,6 +121,33 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return True
+
+
+def run_launched(prog: str, run: Callable[[], int]) -> int:
+    """A command line's ``run()`` inside the process group torchrun describes (one process: just ``run()``).
+
+    Joins the group first (:func:`init_distributed`) and destroys it afterwards, also when ``run`` raises.
+
+    Returns:
+        ``run()``'s exit status, or 2 when the group cannot be joined (the reason printed as ``prog: error: ...``).
+    """
+    try:
+        distributed = init_distributed()
+    except RuntimeError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run()
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over all ranks, in place (unchanged on one process); returns it."""
+    if world_size() > 1:
+        torch.distributed.all_reduce(value)
+    return value
 
 
 def world_size() -> int:

@@ -35,16 +35,10 @@ from torch import nn
 from .config import TrainConfig
 from .loop import Callback, OutputDirError, TrainingLoop, TrainResult, check_output_dir, iterate
 from .losses import IGNORE_INDEX, global_loss_normalizer, loss_normalizer
-from .parallel import world_size
+from .parallel import sum_over_ranks, world_size
 from .step import MODEL_INPUTS, StepLoss, shift_labels
 
 __all__ = ["MODEL_INPUTS", "OutputDirError", "TrainResult", "Trainer", "check_output_dir", "shift_labels"]
-
-
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        torch.distributed.all_reduce(value)
-    return value
 
 
 class Trainer(TrainingLoop):
@@ -174,8 +168,8 @@ class Trainer(TrainingLoop):
             # Every rank runs every backward (FSDP collectives must match); a bad loss marks the step.
             objective.backward()
             total += loss.detach().double()
-        _all_reduce_sum(total)
-        _all_reduce_sum(aux_total)
+        sum_over_ranks(total)
+        sum_over_ranks(aux_total)
         if not self.loss.global_balance:
             aux_total /= world
         return total, aux_total
@@ -223,4 +217,4 @@ class Trainer(TrainingLoop):
             total += self.micro_batch_loss(batch, y, 1.0)[0].double().cpu()
             count += float((y != IGNORE_INDEX).sum()) / self.loss.context_parallel  # a CP group shares its rows
         self.model.train(was_training)
-        return float(_all_reduce_sum(total) / _all_reduce_sum(count).clamp_min(1.0))
+        return float(sum_over_ranks(total) / sum_over_ranks(count).clamp_min(1.0))
