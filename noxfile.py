@@ -211,6 +211,9 @@ def isolated(session: nox.Session, package: str) -> None:
         "pytest", "--import-mode=importlib", *PYTEST_ARGS, str(tests_dir.relative_to(ROOT)), *session.posargs,
         env={"PYTHONPATH": None},
     )  # fmt: skip
+    # Six venvs with torch at ~2 GB each would otherwise stay on disk until the run ends; CI's disk is not ours.
+    # A failed session keeps its venv for inspection.
+    shutil.rmtree(session.virtualenv.location, ignore_errors=True)
 
 
 @nox.session
