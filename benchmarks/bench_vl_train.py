@@ -22,10 +22,10 @@ Data is built by hand (not rendered by a processor): random text ids below every
    is over whole optimiser steps, the note gives tokens/s.
 2. Memory: one packed row of 32K tokens (8K in the quick run) of 1K-token samples separated by
    ``segment_ids``, one image per sample, SFT-style labels on the last 1/16 of every sample (2048
-   labelled tokens at 32K). A smaller model than row 1 keeps a 32K step short on 2 CPU cores: text hidden 128, 2 layers,
-   2 heads (1 KV head), head_dim 64, intermediate 384, the real 151936 vocabulary; vision depth 1,
-   width 64. Ours with ``activation_checkpointing=True`` and ``loss_chunk_size=256`` (8 chunks at 32K, 2 at 8K)
-   vs ours without checkpointing and with a loss chunk as large as the labelled-token count (one chunk:
+   labelled tokens at 32K). A smaller model than row 1 keeps a 32K step short on 2 CPU cores: text
+   hidden 128, 2 layers, 2 heads (1 KV head), head_dim 64, intermediate 384, the real 151936
+   vocabulary; vision depth 1, width 64. Ours with ``activation_checkpointing=True`` and
+   ``loss_chunk_size=256`` (8 chunks at 32K, 2 at 8K) vs ours without checkpointing and with a loss chunk as large as the labelled-token count (one chunk:
    the full ``[labelled, V]`` logits, what a plain loss pays). One ``train_step()`` per side (a 32K
    step is slow here): its peak of live tensor storage, counted by ``benchmarks/_memory.py``, and its
    time, taken with the counter attached on both sides (its per-operator cost is small next to a step).

@@ -12,6 +12,7 @@ Notation: ``S`` seeds, ``T`` tasks.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,10 +30,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """
     if not values:
         raise ValueError("mean_std needs at least one value")
-    mean = math.fsum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _overall(scores: Scores) -> float:

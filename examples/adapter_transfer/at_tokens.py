@@ -2,7 +2,7 @@
 
 Skywork-R1V (REFERENCE.md section 4) trains the MLP adapter on an instruct LLM and then attaches it
 to a reasoning LLM of the same width whose tokenizer may differ. Here both tokenizers are word-level
-``tokenizers`` models built in memory, as ``vl_train.testing.tokenizer`` builds the demo's:
+``tokenizers`` models built in memory by ``vl_train.testing.word_level_tokenizer``, as the demo's is:
 
 - the **instruct** tokenizer: the synthetic dataset's words (``vl_train.testing.WORDS``), single
   characters, one token per scene cell content (:data:`CELL_WORDS`: ``"<c:red_circle>"``, ...,
@@ -22,7 +22,6 @@ Notation: ``V`` vocabulary size (rows of the embedding, a multiple of 64), ``H``
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from vl_train.data._shapes import COLOURS, KINDS
-from vl_train.testing import SPECIAL_TOKENS, WORDS
+from vl_train.testing import PIECES, SPECIAL_TOKENS, word_level_tokenizer
 
 __all__ = [
     "CELL_WORDS",
@@ -83,9 +82,8 @@ def cell_word(colour: str | None, kind: str | None) -> str:
 
 def _pieces() -> list[str]:
     """The plain (non-special) pieces both tokenizers share: unknown, whitespace, characters, words."""
-    pieces = ["<unk>", "\n", " ", *(string.ascii_letters + string.digits + string.punctuation), "×", *WORDS]
-    pieces += ["List", "cell", "empty", "by"]  # the words of the ``cells`` alignment task (at_cells)
-    return list(dict.fromkeys(pieces))
+    # the demo tokenizer's pieces and the words of the ``cells`` alignment task (at_cells)
+    return list(dict.fromkeys([*PIECES, "List", "cell", "empty", "by"]))
 
 
 def make_tokenizer(kind: str, *, seed: int = 0) -> Any:
@@ -101,9 +99,6 @@ def make_tokenizer(kind: str, *, seed: int = 0) -> Any:
     Raises:
         ValueError: An unknown ``kind``.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     if kind not in ("instruct", "reasoning"):
         raise ValueError(f"tokenizer kind must be 'instruct' or 'reasoning', got {kind!r}")
     pieces, specials = _pieces(), [*SPECIAL_TOKENS, *CELL_WORDS]
@@ -114,21 +109,7 @@ def make_tokenizer(kind: str, *, seed: int = 0) -> Any:
         order = [*specials, *pieces]
     else:
         order = [*pieces, *specials]
-    vocab = {piece: i for i, piece in enumerate(order)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.NFC()
-    words = sorted((w for w in pieces if len(w) > 1 and w != "<unk>"), key=len, reverse=True)
-    # longest words first so that "squares" wins over "square"; a word must not run on into letters
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("(?:" + "|".join(words) + ")(?![A-Za-z_])|[\\s\\S]"), "isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=1 << 20,
-    )
+    return word_level_tokenizer({piece: i for i, piece in enumerate(order)}, specials)
 
 
 def padded_vocab(tokenizer: Any) -> int:

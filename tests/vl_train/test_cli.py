@@ -14,7 +14,7 @@ from _cli_helpers import write_recipe
 from vl_train.builders import build_data, build_mixture, build_model
 from vl_train.cli import main
 from vl_train.recipe import apply_overrides, load_recipe, packaged_recipes, resolve_config
-from vl_train.testing import SPECIAL_TOKENS, TINY_TEXT, TINY_VISION, make_demo_tokenizer
+from vl_train.testing import SPECIAL_TOKENS, TINY_TEXT, TINY_VISION, make_demo_tokenizer, word_level_tokenizer
 
 DEMOS = ["demo_s0", "demo_s1", "demo_sft"]
 
@@ -98,6 +98,22 @@ def test_demo_tokenizer_covers_synthetic_text() -> None:
             words += sum(len(p) > 1 for p in pieces)
             chars += sum(len(p) == 1 and p.isalpha() for p in pieces)
     assert words > 5 * chars  # the dataset's words are whole tokens
+
+
+def test_word_level_tokenizer_ids_and_splits() -> None:
+    # a special token listed in the vocabulary keeps its id; one missing from it takes the next free id
+    pieces = ["<|im_end|>", "<unk>", " ", *"aeqrsu", "square", "squares"]
+    tok = word_level_tokenizer({p: i for i, p in enumerate(pieces)}, ["<|im_end|>", "<|endoftext|>"])
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [0, len(pieces)]
+    assert (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (0, len(pieces), 1)
+    # longest word first; a word running on into letters ("squaresa") falls back to characters
+    text = "squares square squaresa<|im_end|>"
+    enc = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(enc) == [
+        "squares", " ", "square", " ", *"squaresa", "<|im_end|>",
+    ]  # fmt: skip
+    assert tok.decode(enc) == text and tok.decode(enc, skip_special_tokens=True) == text.removesuffix("<|im_end|>")
+    assert tok("x", add_special_tokens=False)["input_ids"] == [1]
 
 
 def test_build_model_and_data() -> None:

@@ -130,9 +130,6 @@ def packed_sdpa_attention(
     """
     if segment_spans is None or attention_mask is not None:
         raise ValueError("packed_sdpa_attention takes segment_spans instead of an attention mask")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     rows = []
     for b, spans in enumerate(segment_spans):
         parts = [
@@ -143,6 +140,7 @@ def packed_sdpa_attention(
                 dropout_p=dropout,
                 is_causal=True,
                 scale=scaling,
+                enable_gqa=True,  # grouped KV heads read in place, not repeated for the whole row
             )
             for start, stop in spans
         ]

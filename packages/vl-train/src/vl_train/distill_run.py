@@ -38,7 +38,7 @@ from .config import DistillSpec, TrainConfig
 from .data.messages import prompt_inputs
 from .distill import model_inputs, off_policy_distill_loss, sample_completions, sampled_distill_loss
 from .losses import IGNORE_INDEX, global_loss_normalizer, loss_normalizer
-from .parallel import is_main_process, root_forward, sum_over_ranks, world_size
+from .parallel import barrier, is_main_process, root_forward, sum_over_ranks, world_size
 from .stages import distill_spec
 from .trainer import Trainer, TrainResult
 
@@ -278,8 +278,7 @@ def run_distill(
         generate_teacher_data(
             teacher, processor, samples, max_new_tokens=spec.max_new_tokens, output=jsonl, **penalties
         )
-    if world_size() > 1:
-        torch.distributed.barrier()
+    barrier()
     sft_data = {"kind": "jsonl", "path": str(jsonl), "seed": data.get("seed", config.seed)}
     batches = shared(build_data(sft_data, processor, config))
     return Trainer(model, config, batches, resume=resume, overwrite=overwrite).train()

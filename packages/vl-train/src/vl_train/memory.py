@@ -19,7 +19,8 @@ The estimate (all sizes in bytes; ``W`` ranks, ``L`` tokens per rank's row, ``b`
 Not counted: the vision tower's activations (a few thousand patches per image, small next to 256K
 text tokens), temporary buffers inside kernels, the allocator's fragmentation, communication buffers
 (FSDP2 gathers one layer's parameters at a time: ``2 x 12 d^2``-ish, bf16). Packed rows cost no
-``[L, L]`` mask (FlashAttention's varlen path, SDPA per sample); only eager attention builds one. Treat the result as a lower bound for planning, not a promise.
+``[L, L]`` mask (FlashAttention's varlen path, SDPA per sample); only eager attention builds one. Treat
+the result as a lower bound for planning, not a promise.
 
 Notation: ``V`` vocabulary, ``d`` hidden size, ``n`` layers, ``h`` query heads, ``k`` KV heads, ``e`` head
 dim, ``f`` MLP width, ``L`` tokens, ``N`` labelled tokens, ``C`` loss chunk, ``W`` ranks.

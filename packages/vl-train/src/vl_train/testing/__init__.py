@@ -6,6 +6,8 @@ trains in seconds on a CPU without downloading anything.
 
 - ``make_demo_tokenizer`` / ``make_demo_processor``: the synthetic dataset's words as tokens plus
   Qwen3-VL's special tokens (:mod:`vl_train.testing.tokenizer`); ``[model] tokenizer = "demo"`` in a recipe.
+  ``word_level_tokenizer`` builds the same kind of tokenizer over another vocabulary (``PIECES`` and
+  more words, say).
 - ``TINY_TEXT`` / ``TINY_VISION``: ``VLTextConfig`` / ``VLVisionConfig`` fields of a model with about
   0.2 M parameters.
 - ``recipes/``: ``demo_s0``, ``demo_s1``, ``demo_sft``, ``demo_distill`` (the synthetic demo chain).
@@ -15,9 +17,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tokenizer import SPECIAL_TOKENS, WORDS, make_demo_processor, make_demo_tokenizer
+from .tokenizer import PIECES, SPECIAL_TOKENS, WORDS, make_demo_processor, make_demo_tokenizer, word_level_tokenizer
 
-__all__ = ["SPECIAL_TOKENS", "TINY_TEXT", "TINY_VISION", "WORDS", "make_demo_processor", "make_demo_tokenizer"]
+__all__ = [
+    "PIECES",
+    "SPECIAL_TOKENS",
+    "TINY_TEXT",
+    "TINY_VISION",
+    "WORDS",
+    "make_demo_processor",
+    "make_demo_tokenizer",
+    "word_level_tokenizer",
+]
 
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 64,

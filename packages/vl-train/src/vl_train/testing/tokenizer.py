@@ -14,9 +14,10 @@ Notation: ``V`` = ``len(tokenizer)``, about 330.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["SPECIAL_TOKENS", "WORDS", "make_demo_processor", "make_demo_tokenizer"]
+__all__ = ["PIECES", "SPECIAL_TOKENS", "WORDS", "make_demo_processor", "make_demo_tokenizer", "word_level_tokenizer"]
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -49,14 +50,22 @@ WORDS: tuple[str, ...] = tuple(dict.fromkeys(_TEXT.split()))
 """Whole-word tokens (the synthetic dataset's vocabulary)."""
 
 
-def _vocab() -> dict[str, int]:
-    pieces = ["<unk>", "\n", " ", *(string.ascii_letters + string.digits + string.punctuation), "×"]
-    pieces += list(WORDS)
-    return {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+PIECES: tuple[str, ...] = tuple(
+    dict.fromkeys(["<unk>", "\n", " ", *(string.ascii_letters + string.digits + string.punctuation), "×", *WORDS])
+)
+"""The demo tokenizer's plain (non-special) tokens in id order: unknown, whitespace, characters, :data:`WORDS`."""
 
 
-def make_demo_tokenizer() -> Any:
-    """A ``PreTrainedTokenizerFast`` with the synthetic dataset's words and Qwen3-VL's special tokens.
+def word_level_tokenizer(vocab: Mapping[str, int], special_tokens: Sequence[str]) -> Any:
+    """A ``PreTrainedTokenizerFast`` that reads every multi-character entry of ``vocab`` as one word.
+
+    Text splits into the longest known word that does not run on into letters, else one character;
+    a character outside ``vocab`` is ``<unk>``. Decoding restores the text exactly.
+
+    Args:
+        vocab: Token -> id; holds ``"<unk>"``. Special tokens listed here keep their ids.
+        special_tokens: Added as special tokens (never split, skipped by ``skip_special_tokens``); those
+            missing from ``vocab`` take the next free ids in order.
 
     Returns:
         The tokenizer; ``eos`` is ``<|im_end|>`` and ``pad`` is ``<|endoftext|>`` (as in Qwen3-VL).
@@ -64,15 +73,15 @@ def make_demo_tokenizer() -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = _vocab()
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel(vocab=dict(vocab), unk_token="<unk>"))
     core.normalizer = normalizers.NFC()
+    specials = set(special_tokens)
     # longest words first so that "squares" wins over "square"; a word must not run on into letters
-    words = sorted((w for w in vocab if len(w) > 1 and w != "<unk>"), key=len, reverse=True)
+    words = sorted((w for w in vocab if len(w) > 1 and w != "<unk>" and w not in specials), key=len, reverse=True)
     pattern = "(?:" + "|".join(words) + ")(?![A-Za-z_])|[\\s\\S]"
     core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         unk_token="<unk>",
@@ -80,6 +89,16 @@ def make_demo_tokenizer() -> Any:
         pad_token="<|endoftext|>",
         model_max_length=1 << 20,
     )
+
+
+def make_demo_tokenizer() -> Any:
+    """A ``PreTrainedTokenizerFast`` with the synthetic dataset's words and Qwen3-VL's special tokens.
+
+    Returns:
+        The tokenizer: :data:`PIECES` at ids ``0..``, then :data:`SPECIAL_TOKENS`; ``eos`` is ``<|im_end|>``
+        and ``pad`` is ``<|endoftext|>`` (as in Qwen3-VL).
+    """
+    return word_level_tokenizer({piece: i for i, piece in enumerate(PIECES)}, SPECIAL_TOKENS)
 
 
 def make_demo_processor(
