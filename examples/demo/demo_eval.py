@@ -176,7 +176,7 @@ def evaluate_samples(
     # similar prompt lengths per batch waste less padding: batch by task, restore the order afterwards
     order = sorted(range(len(samples)), key=lambda i: (str(samples[i].get("task")), i))
     by_index: dict[int, str] = {}
-    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
+    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=None if progress else True, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         answers = generate_answers(

@@ -108,7 +108,7 @@ def pretrain_tower(
     tower.train()
     start = time.perf_counter()
     with (output_dir / "metrics.jsonl").open("w", encoding="utf-8") as log:
-        for step in tqdm(range(1, spec.steps + 1), desc="V0 tower", disable=not progress, leave=False):
+        for step in tqdm(range(1, spec.steps + 1), desc="V0 tower", disable=None if progress else True, leave=False):
             scenes = [_scene(rng, settings, spec) for _ in range(spec.scenes_per_step)]
             labels = [cell_labels(s, settings.grid) for s in scenes]
             inputs = processor.image_processor([s.render() for s in scenes])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from _trainer_helpers import (
 from vl_model.parts import part_parameters
 from vl_train.config import TrainConfig
 from vl_train.losses import lm_loss
+from vl_train.metrics import MetricsLogger
 from vl_train.trainer import OutputDirError, Trainer, shift_labels
 
 
@@ -188,6 +191,24 @@ def test_outputs_jsonl_png_tensorboard(tmp_path: Path) -> None:
     assert result.plot == tmp_path / "loss_curve.png" and result.plot.read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert result.checkpoint == tmp_path / "checkpoint-00000003"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_progress_bar_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool) -> None:
+    # a run logged to a file (CI, nohup, `> log`) must not fill it with bar frames
+    pytest.importorskip("tqdm")
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    logger = MetricsLogger(tmp_path, total_steps=2, progress=True)
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 0.5})
+    logger.close()
+    assert ("train" in stream.getvalue()) is terminal, stream.getvalue()
 
 
 def test_data_exhausted_and_eval(tmp_path: Path) -> None:

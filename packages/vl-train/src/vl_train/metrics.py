@@ -95,7 +95,7 @@ class MetricsLogger:
         output_dir: The run's folder (must exist).
         total_steps: Steps of the run (for the progress bar).
         tensorboard: Also write TensorBoard events under ``output_dir/tensorboard``.
-        progress: Show a tqdm bar.
+        progress: Show a tqdm bar when stderr is a terminal.
         history: Records of earlier steps (a resumed run): the JSONL file is rewritten with exactly
             these, dropping lines a killed run wrote after its last checkpoint.
     """
@@ -128,7 +128,8 @@ class MetricsLogger:
             try:
                 from tqdm.auto import tqdm  # type: ignore[import-untyped, unused-ignore]
 
-                self._bar = tqdm(total=total_steps, initial=len(self.records), desc="train", unit="step")
+                # disable=None: no bar when stderr is not a terminal (logs, CI, nohup), as TrainConfig promises
+                self._bar = tqdm(total=total_steps, initial=len(self.records), desc="train", unit="step", disable=None)
             except ImportError:
                 log.info("tqdm is not installed: no progress bar")
 
